@@ -1,0 +1,194 @@
+"""Checkpoint folder (safetensors, memory-mapped) -> Transformer parameters.
+
+* Files: `model.safetensors`, or shards listed in `model.safetensors.index.json`. Never a pickle (`.bin`, `.pt`).
+* Names: the model's parameter names are the checkpoint's, through one table (`checkpoint_table`) with the
+  two restructurings written as data: stacked routed experts and MTP layers at `mtp.{k}`.
+* FP8 (`weight_scale_inv` siblings): dequantised at load, block by block in fp32, rounded once to the target
+  dtype — the model holds bf16/fp32 weights (this CPU has no fast FP8 matmul).
+* Duplicates and extras that are skipped on purpose: MTP layers (index >= num_hidden_layers) unless asked for,
+  the MTP modules' copies of the embedding and head, legacy `rotary_emb.inv_freq` buffers.
+* Anything else missing, unexpected or mis-shaped: one RoutedError naming the tensor and both shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from routed.config import ModelConfig
+from routed.errors import RoutedError
+from routed.model.deepseek_v3 import Transformer
+from routed.progress import progress_bar
+from routed.quant import fp8
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+_EXPERTS = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_MTP_DUPLICATES = (".embed_tokens.weight", ".shared_head.head.weight")
+
+
+@dataclass(slots=True, frozen=True)
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype code: BF16, F32, F8_E4M3, ...
+
+
+@dataclass(slots=True, frozen=True)
+class Target:
+    """Where a checkpoint tensor goes: a state-dict key, optionally one expert's slice of a stacked tensor."""
+
+    key: str
+    expert: int | None
+    shape: tuple[int, ...]
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.bfloat16, torch.float32):
+            raise RoutedError(f"dtype {dtype} is not supported; use bf16 or fp32")
+        return dtype
+    if dtype not in DTYPES:
+        raise RoutedError(f"dtype {dtype!r} is not supported; use bf16 or fp32")
+    return DTYPES[dtype]
+
+
+def scan_checkpoint(path: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor in the folder's safetensors files: name -> file, shape, dtype (headers only)."""
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise RoutedError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        pickles = [p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        hint = (f" (found {', '.join(sorted(pickles)[:3])}: routed never unpickles; convert to safetensors)"
+                if pickles else "")
+        raise RoutedError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+    infos: dict[str, TensorInfo] = {}
+    for file in files:
+        if not file.is_file():
+            raise RoutedError(f"{file}: listed in the index but missing")
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    infos[name] = TensorInfo(file, tuple(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise RoutedError(f"{file}: not a readable safetensors file ({e})") from None
+    return infos
+
+
+def checkpoint_table(model: Transformer) -> dict[str, Target]:
+    """Checkpoint tensor name -> where it lands in the model."""
+    n_main = model.config.num_hidden_layers
+    table: dict[str, Target] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        hf = key
+        if key.startswith("mtp."):
+            k, rest = key[len("mtp."):].split(".", 1)
+            hf = f"model.layers.{n_main + int(k)}.{rest}"
+        m = _EXPERTS.match(hf)
+        if m:
+            for e in range(tensor.shape[0]):
+                table[f"{m['prefix']}.{e}.{m['proj']}.weight"] = Target(key, e, tuple(tensor.shape[1:]))
+        else:
+            table[hf] = Target(key, None, tuple(tensor.shape))
+    return table
+
+
+def is_skipped(name: str, cfg: ModelConfig, with_mtp: bool) -> bool:
+    """Tensors present in real checkpoints that routed does not load, by design."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return True
+    m = _LAYER.match(name)
+    if m and int(m.group(1)) >= cfg.num_hidden_layers:
+        return not with_mtp or name.endswith(_MTP_DUPLICATES)
+    return False
+
+
+def load_model(
+    path: str | Path, dtype: torch.dtype | str = torch.bfloat16, *, mtp: bool = False, progress: bool = True
+) -> Transformer:
+    """Load a DeepSeek-V3-family checkpoint folder into a Transformer in eval mode."""
+    folder = Path(path)
+    dtype = resolve_dtype(dtype)
+    cfg = ModelConfig.from_pretrained(folder)
+    if mtp and cfg.num_nextn_predict_layers == 0:
+        raise RoutedError(f"{cfg.source}: num_nextn_predict_layers is 0, so this checkpoint has no MTP module")
+    infos = scan_checkpoint(folder)
+    with torch.device("meta"):
+        model = Transformer(cfg, dtype=dtype, with_mtp=mtp)
+    model.to_empty(device="cpu")
+    table = checkpoint_table(model)
+    _check_names(table, infos, cfg, mtp, folder)
+    state = model.state_dict(keep_vars=True)
+    by_file: dict[Path, list[str]] = {}
+    for name in table:
+        by_file.setdefault(infos[name].file, []).append(name)
+    with progress_bar(f"loading {folder.name}", total=len(table), enabled=progress) as advance:
+        for file, names in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                for name in names:
+                    target = table[name]
+                    dest = state[target.key] if target.expert is None else state[target.key][target.expert]
+                    with torch.no_grad():
+                        dest.copy_(_read(f, name, infos, cfg))
+                    advance()
+    model.eval()
+    return model
+
+
+def _read(f: safe_open, name: str, infos: dict[str, TensorInfo], cfg: ModelConfig) -> torch.Tensor:
+    tensor = f.get_tensor(name)
+    if tensor.dtype != torch.float8_e4m3fn:
+        return tensor
+    scale_name = name + "_scale_inv"
+    info = infos.get(scale_name)
+    if info is None:
+        raise RoutedError(f"{name}: FP8 weight without its {scale_name}")
+    if info.file == infos[name].file:
+        scale = f.get_tensor(scale_name)
+    else:
+        with safe_open(info.file, framework="pt") as g:
+            scale = g.get_tensor(scale_name)
+    block = cfg.fp8.block_size if cfg.fp8 else (128, 128)
+    try:
+        return fp8.dequantize(tensor, scale, block, torch.float32)
+    except ValueError as e:
+        raise RoutedError(f"{scale_name}: {e}") from None
+
+
+def _check_names(
+    table: dict[str, Target], infos: dict[str, TensorInfo], cfg: ModelConfig, mtp: bool, folder: Path
+) -> None:
+    missing = sorted(n for n in table if n not in infos)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise RoutedError(f"{folder}: tensor {missing[0]} is missing{more}; expected shape "
+                          f"{list(table[missing[0]].shape)}")
+    unexpected = sorted(
+        n for n in infos
+        if n not in table and not n.endswith("_scale_inv") and not is_skipped(n, cfg, mtp)
+    )
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise RoutedError(f"{folder}: unexpected tensor {unexpected[0]} with shape "
+                          f"{list(infos[unexpected[0]].shape)}{more}; is config.json the checkpoint's own?")
+    for name, target in table.items():
+        found = infos[name].shape
+        if found != target.shape:
+            raise RoutedError(f"{folder}: tensor {name} has shape {list(found)}, expected {list(target.shape)} "
+                              f"from config.json")
+        if infos[name].dtype == "F8_E4M3" and name + "_scale_inv" not in infos:
+            raise RoutedError(f"{folder}: FP8 tensor {name} has no {name}_scale_inv")

@@ -1,0 +1,359 @@
+"""The DeepSeek-V3 architecture, top to bottom, in the order a token travels.
+
+    embed -> [Block: RMSNorm -> MLA -> + ; RMSNorm -> dense SwiGLU or MoE -> +] x num_hidden_layers
+          -> RMSNorm -> lm_head                           (+ optional MTP modules after the last layer)
+
+Parameter names equal the Hugging Face checkpoint's (`model.layers.3.self_attn.kv_b_proj.weight`, ...), except
+two restructurings the loader applies as data: routed experts are stacked per layer
+(`mlp.experts.gate_proj` [E, I, D]) and MTP modules live in `mtp.{k}` rather than `model.layers.{N+k}`.
+
+Precision: RoPE tables are computed in fp32 from the config on every call (never from a buffer that a
+`.to(bfloat16)` could round); the router weight and correction bias stay fp32 whatever the module dtype;
+RMSNorm statistics, router math, softmax and expert accumulation run in fp32.
+
+Shapes: B batch rows, T tokens, D hidden, H heads, V vocab, E routed experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from routed.config import ModelConfig, RopeConfig
+from routed.model.attention import ATTENTION, ATTN_IMPLS, LatentCache
+from routed.model.experts import RoutedExperts, swiglu
+
+
+# ---- norms and rotary embedding -----------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """g ⊙ x / sqrt(mean(x²) + eps): statistic in fp32, result cast back, then scaled (as transformers)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
+    """Per-pair angular rates f'_i (fp32, [dim/2]); YaRN blends extrapolated and interpolated rates."""
+    base = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
+    extrapolated = 1.0 / base
+    if rope.rope_type != "yarn":
+        return extrapolated
+    interpolated = 1.0 / (rope.factor * base)
+
+    def correction_dim(rotations: float) -> float:
+        L0 = rope.original_max_position_embeddings
+        return dim * math.log(L0 / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: keep the original (high-frequency) rate, 0: divide by factor
+    return interpolated * (1 - keep) + extrapolated * keep
+
+
+class RotaryEmbedding:
+    """cos/sin for integer positions, in fp32. A plain object, not a module: nothing for `.to()` to round."""
+
+    def __init__(self, rope: RopeConfig, dim: int) -> None:
+        self.inv_freq = rope_inv_freq(rope, dim)
+        self.factor = rope.cos_sin_factor
+
+    def __call__(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions_BT.float().unsqueeze(-1) * self.inv_freq.to(positions_BT.device)
+        return angles.cos() * self.factor, angles.sin() * self.factor
+
+
+def apply_rope(x: torch.Tensor, cos_BTP: torch.Tensor, sin_BTP: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x0, x1), (x2, x3), ... — the checkpoints' interleaved layout — in fp32.
+
+    x is [B, T, R] or [B, T, H, R]; the output keeps the interleaved layout.
+    """
+    if x.dim() == 4:
+        cos_BTP, sin_BTP = cos_BTP.unsqueeze(2), sin_BTP.unsqueeze(2)
+    xf = x.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    out = torch.stack([x1 * cos_BTP - x2 * sin_BTP, x2 * cos_BTP + x1 * sin_BTP], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def _linear(d_in: int, d_out: int, dtype: torch.dtype) -> nn.Linear:
+    layer = nn.Linear(d_in, d_out, bias=False, dtype=dtype)
+    layer.weight.requires_grad_(False)
+    return layer
+
+
+# ---- attention ------------------------------------------------------------------------------------
+class MLA(nn.Module):
+    """Multi-head latent attention: projections here, the attention itself in attention.py."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        self.num_heads = H
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        if cfg.q_lora_rank is None:
+            self.q_proj = _linear(D, H * cfg.qk_head_dim, dtype)
+        else:
+            self.q_a_proj = _linear(D, cfg.q_lora_rank, dtype)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype)
+            self.q_b_proj = _linear(cfg.q_lora_rank, H * cfg.qk_head_dim, dtype)
+        self.kv_a_proj_with_mqa = _linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype)
+        self.kv_b_proj = _linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype)
+        self.o_proj = _linear(H * cfg.v_head_dim, D, dtype)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        positions_BT: torch.Tensor,
+        cache: tuple[LatentCache, int, int] | None,
+        impl: str,
+    ) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q_BTHQ = q.view(B, T, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q_BTHQ[..., : self.nope_dim], apply_rope(q_BTHQ[..., self.nope_dim :], *rope)
+
+        kv = self.kv_a_proj_with_mqa(x_BTD)
+        c_BTL = self.kv_a_layernorm(kv[..., : self.kv_lora_rank])
+        k_pe_BTR = apply_rope(kv[..., self.kv_lora_rank :], *rope)
+        latent_BTC = torch.cat([c_BTL, k_pe_BTR], dim=-1)
+
+        if cache is None:
+            latent_BSC, key_pos_BS = latent_BTC, positions_BT
+        else:
+            store, layer, kv_len = cache
+            latent_BSC = store.update(layer, positions_BT, latent_BTC, kv_len)
+            key_pos_BS = torch.arange(kv_len, device=x_BTD.device).expand(B, kv_len)
+        mask_BTS = key_pos_BS.unsqueeze(1) <= positions_BT.unsqueeze(2)
+
+        kv_b_HXL = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        o_BTHV = ATTENTION[impl](q_nope, q_pe, latent_BSC, mask_BTS, kv_b_HXL, self.scale)
+        return self.o_proj(o_BTHV.reshape(B, T, -1))
+
+
+# ---- feed-forward -----------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """SwiGLU: dense layers below first_k_dense_replace, and the shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_proj = _linear(hidden_size, intermediate_size, dtype)
+        self.up_proj = _linear(hidden_size, intermediate_size, dtype)
+        self.down_proj = _linear(intermediate_size, hidden_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+
+
+class Gate(nn.Module):
+    """The router, in fp32: scores, group-limited top-k on the biased scores, weights from unbiased scores.
+
+    sigmoid/noaux_tc (V3): select on s + bias, groups scored by the sum of their top-2, dropped groups −inf.
+    softmax/greedy or group_limited_greedy (V2): select on s, groups scored by their max.
+    Weights are s at the chosen experts, renormalised when norm_topk_prob, always × routed_scaling_factor.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E = cfg.n_routed_experts
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.scoring_func, self.topk_method = cfg.scoring_func, cfg.topk_method
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size, dtype=torch.float32), requires_grad=False)
+        if cfg.has_correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        """Follow device moves but never a dtype cast: router math and the bias stay fp32 (spec trap 1)."""
+
+        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return t.to(out.device) if out.dtype != t.dtype and t.is_floating_point() else out
+
+        return super()._apply(keep_fp32, recurse)
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> topk_ids [N, K], topk_weights [N, K] fp32, router logits [N, E] fp32."""
+        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        scores = logits_NE.sigmoid() if self.scoring_func == "sigmoid" else logits_NE.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.topk_method != "greedy" and self.n_group > 1:
+            N, E = choice.shape
+            grouped = choice.view(N, self.n_group, E // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_scores = grouped.max(dim=-1).values
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(N, E)
+        topk_ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, topk_ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_ids, weights * self.scaling, logits_NE
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype)
+            if cfg.n_shared_experts
+            else None
+        )
+        self.expert_impl = "grouped"
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        topk_ids, topk_weights, _ = self.gate(x_ND)
+        y_ND, _ = self.experts(x_ND, topk_ids, topk_weights, self.expert_impl)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
+        return y_ND.view_as(x_BTD)
+
+
+# ---- blocks -----------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = MLA(cfg, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp: nn.Module = (
+            MoE(cfg, dtype) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+        )
+
+    def forward(
+        self,
+        h_BTD: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        positions_BT: torch.Tensor,
+        cache: tuple[LatentCache, int, int] | None,
+        impl: str,
+    ) -> torch.Tensor:
+        h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), rope, positions_BT, cache, impl)
+        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
+
+
+class SharedHead(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+class MTPLayer(Block):
+    """Multi-token prediction module k: a full block fed [enorm(emb(t_{i+1})) ; hnorm(h_i)] through eh_proj.
+
+    The checkpoint's duplicate `embed_tokens` and `shared_head.head` are not loaded: the main model's
+    embedding and lm_head are used (they are copies in every released checkpoint).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__(cfg, layer_idx, dtype)
+        D = cfg.hidden_size
+        self.enorm = RMSNorm(D, cfg.rms_norm_eps, dtype)
+        self.hnorm = RMSNorm(D, cfg.rms_norm_eps, dtype)
+        self.eh_proj = _linear(2 * D, D, dtype)
+        self.shared_head = SharedHead(cfg, dtype)
+
+
+class DecoderStack(nn.Module):
+    """The `model.` prefix of the checkpoint: embedding, decoder layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3-family causal LM. `model(input_ids_BT)` -> fp32 logits [B, T, V] (no cache)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, with_mtp: bool = False) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderStack(cfg, dtype)
+        self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, dtype)
+        n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k, dtype) for k in range(n_mtp))
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
+        self.attn_impl = "absorb"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def set_impl(self, attn: str | None = None, experts: str | None = None) -> None:
+        """Choose the attention path (absorb | naive) and the expert path (grouped | reference)."""
+        if attn is not None:
+            if attn not in ATTN_IMPLS:
+                raise ValueError(f"unknown attention impl {attn!r}; choose from {ATTN_IMPLS}")
+            self.attn_impl = attn
+        if experts is not None:
+            for module in self.modules():
+                if isinstance(module, MoE):
+                    module.expert_impl = experts
+
+    def forward_hidden(
+        self,
+        input_ids_BT: torch.Tensor,
+        positions_BT: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        """Hidden states after the final norm, [B, T, D].
+
+        With a cache, this step's latents are written at `positions` and attention reads the first
+        `kv_len` cached positions of every row (kv_len = max position + 1, given by the caller so that no
+        host sync is needed here).
+        """
+        B, T = input_ids_BT.shape
+        if positions_BT is None:
+            positions_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
+        if cache is not None and kv_len is None:
+            raise ValueError("kv_len is required with a cache")
+        rope = self.rotary(positions_BT)
+        h = self.model.embed_tokens(input_ids_BT)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, rope, positions_BT, None if cache is None else (cache, i, kv_len), self.attn_impl)
+        return self.model.norm(h)
+
+    def logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_BTD).float()
+
+    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.forward_hidden(input_ids_BT))
+
+    def new_cache(self, batch: int, max_len: int) -> LatentCache:
+        cfg = self.config
+        return LatentCache(cfg.num_hidden_layers, batch, max_len, cfg.latent_dim, self.dtype,
+                           self.lm_head.weight.device)

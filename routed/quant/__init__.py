@@ -1,0 +1,1 @@
+"""Weight formats as data plus pure functions (FP8 block-scaled today)."""
