@@ -2,7 +2,9 @@
 
 from routed.config import ModelConfig
 from routed.errors import RoutedError
+from routed.llm import LLM, CompletionOutput
 from routed.loader import load_model
+from routed.sampling import SamplingParams
 
-__all__ = ["ModelConfig", "RoutedError", "load_model"]
+__all__ = ["LLM", "CompletionOutput", "ModelConfig", "RoutedError", "SamplingParams", "load_model"]
 __version__ = "0.1.0"

@@ -1,0 +1,173 @@
+"""The `routed` command line: generate, inspect, random-checkpoint.
+
+Errors a user can cause (bad path, bad config, corrupt file, bad flag value) print one line on stderr and
+exit with status 1; nothing here prints a traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from routed.errors import RoutedError
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{suffix}{unit}"
+        n /= 1000
+    return f"{n:.3g}P{unit}"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from routed.llm import LLM
+    from routed.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=args.stop or [],
+    )
+    t0 = time.perf_counter()
+    llm = LLM(args.model, dtype=args.dtype, progress=not args.json)
+    load_seconds = time.perf_counter() - t0
+    if args.chat:
+        prompt_ids = [llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                                        add_generation_prompt=True, tokenize=True)]
+    else:
+        prompt_ids = [llm.tokenizer.encode(args.prompt)]
+
+    def stream(_row: int, delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    stats = llm.generate_ids(prompt_ids, params, on_text=None if args.json else stream)
+    out = stats.outputs[0]
+    if args.json:
+        print(json.dumps({
+            "text": out.text,
+            "token_ids": out.token_ids,
+            "finish_reason": out.finish_reason,
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.completion_tokens,
+            "seconds": round(stats.seconds, 4),
+            "tokens_per_second": round(stats.completion_tokens / stats.seconds, 3) if stats.seconds else None,
+            "prefill_seconds": round(stats.prefill_seconds, 4),
+            "decode_seconds": round(stats.decode_seconds, 4),
+            "load_seconds": round(load_seconds, 3),
+        }))
+    else:
+        sys.stdout.write("\n")
+        rate = stats.completion_tokens / stats.seconds if stats.seconds else 0.0
+        print(f"[{stats.prompt_tokens} prompt + {stats.completion_tokens} generated tokens in "
+              f"{stats.seconds:.2f}s, {rate:.1f} tok/s, finish: {out.finish_reason}; load {load_seconds:.1f}s]",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from routed.summary import inspect_checkpoint
+
+    info = inspect_checkpoint(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    p, lay, ex = info["parameters"], info["layers"], info["experts"]
+    console = Console()
+    console.print(f"[bold]{info['path']}[/bold]  ({info['model_type']}{', FP8' if info['fp8'] else ''})")
+    console.print(f"parameters: {_human(p['total'])} total, {_human(p['main_model'])} main model, "
+                  f"{_human(p['mtp'])} MTP; active per token {_human(p['active_per_token'])} "
+                  f"({_human(p['active_per_token_excl_embedding'])} without the input embedding)")
+    console.print(f"layers: {lay['total']} ({lay['dense']} dense, {lay['moe']} MoE) + {lay['mtp_modules']} MTP")
+    console.print(f"experts: {ex['routed']} routed ({ex['per_token']} per token, {ex['groups']} groups, "
+                  f"{ex['groups_per_token']} kept), {ex['shared']} shared; {ex['scoring']} / {ex['topk_method']}, "
+                  f"scaling {ex['routed_scaling_factor']}")
+    console.print(f"latent cache: {info['latent_cache_bytes_per_token']:,} bytes per token (bf16)")
+    console.print("bytes by dtype: " + ", ".join(f"{k} {_human(v, 'B')}" for k, v in info["bytes_by_dtype"].items()))
+    table = Table("tensor group", "tensors", "params", "bytes", "dtypes", "loader")
+    for g in info["groups"]:
+        table.add_row(g["name"], str(g["tensors"]), _human(g["params"]), _human(g["bytes"], "B"),
+                      ",".join(g["dtypes"]), g["action"])
+    console.print(table)
+    return 0
+
+
+def cmd_random_checkpoint(args: argparse.Namespace) -> int:
+    from routed.presets import write_random_checkpoint
+
+    out = write_random_checkpoint(args.preset, args.out, seed=args.seed, fp8_weights=args.fp8)
+    print(f"wrote a random {args.preset} checkpoint to {out}", file=sys.stderr)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from routed.presets import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="routed", description="Run DeepSeek-V3-family MoE models (V3/R1/V3.1, V2-Lite, Moonlight, Kimi-K2).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streaming it to stdout",
+                       description="Generate from a checkpoint folder; text streams to stdout, timings to stderr.")
+    g.add_argument("prompt", help="the prompt text (with --chat: the user message)")
+    g.add_argument("--model", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    g.add_argument("--max-tokens", type=_positive_int, default=64, help="tokens to generate at most (default 64)")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop when TEXT appears (repeatable)")
+    g.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weight dtype (default bf16)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object: text, token_ids, prompt/completion tokens, seconds, tokens/s")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("inspect", help="parameters, layers, experts, bytes and the loader's plan for a checkpoint",
+                       description="Read config.json and safetensors headers (no weights) and report.")
+    i.add_argument("--model", required=True, help="checkpoint folder")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint in the Hugging Face layout",
+                       description="Write config.json, safetensors shards and the DeepSeek-V3 tokenizer files. "
+                                   "Presets: " + ", ".join(PRESETS))
+    r.add_argument("--preset", required=True, choices=sorted(PRESETS), help="model shape")
+    r.add_argument("--out", required=True, help="new folder to write")
+    r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    r.add_argument("--fp8", action="store_true", help="store decoder linear weights as FP8 with 128x128 scales")
+    r.set_defaults(func=cmd_random_checkpoint)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except RoutedError as e:
+        print(f"routed: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("routed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
