@@ -1,0 +1,64 @@
+"""The CLI as a user runs it: generate --json, inspect, random-checkpoint, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "routed.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_json(tiny_preset: Path) -> None:
+    res = run("generate", "--model", str(tiny_preset), "--max-tokens", "6", "--temperature", "0", "--json",
+              "Hello")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["completion_tokens"] == len(out["token_ids"]) == 6 and out["prompt_tokens"] >= 1
+    assert out["seconds"] > 0 and out["tokens_per_second"] > 0 and isinstance(out["text"], str)
+    chat = run("generate", "--model", str(tiny_preset), "--max-tokens", "3", "--chat", "--json", "--seed", "1",
+               "Hi there")
+    assert chat.returncode == 0 and json.loads(chat.stdout)["prompt_tokens"] > out["prompt_tokens"]
+
+
+def test_inspect_counts_match_headers(tiny_preset: Path) -> None:
+    res = run("inspect", "--model", str(tiny_preset), "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    total = 0
+    for file in tiny_preset.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                total += n
+    assert info["parameters"]["total"] == total
+    assert info["layers"] == {"total": 3, "dense": 1, "moe": 2, "mtp_modules": 1}
+    assert info["latent_cache_bytes_per_token"] == (32 + 16) * 3 * 2
+    assert run("inspect", "--model", str(tiny_preset)).returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--model", "/no/such/folder", "hi"], "no such file or folder"),
+    (["inspect", "--model", "/tmp"], "no config.json"),
+    (["random-checkpoint", "--preset", "tiny", "--out", "/"], "not empty"),
+])
+def test_errors_are_one_line_without_traceback(args: list[str], message: str) -> None:
+    res = run(*args)
+    assert res.returncode == 1
+    assert message in res.stderr and "Traceback" not in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_bad_flag_values_exit_nonzero() -> None:
+    res = run("generate", "--model", "x", "--max-tokens", "0", "hi")
+    assert res.returncode == 2 and "must be at least 1" in res.stderr
+    res = run("generate", "--model", "x", "--top-p", "2", "hi")
+    assert res.returncode == 1 and "top_p" in res.stderr

@@ -1,0 +1,68 @@
+"""FP8 block-scaled checkpoints: exact dequantisation (edge blocks included) and logits = dequantised model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import routed
+from conftest import make_checkpoint
+from routed.quant import fp8
+
+
+def test_dequantize_matches_elementwise_definition() -> None:
+    w = torch.randn(200, 300) * 3
+    w8, scale = fp8.quantize(w)
+    assert scale.shape == (2, 3)  # ceil(200/128), ceil(300/128): ragged edge blocks
+    got = fp8.dequantize(w8, scale, (128, 128), torch.float32)
+    expected = torch.empty(200, 300)
+    for r in range(200):
+        for c in range(0, 300, 64):
+            expected[r, c : c + 64] = w8[r, c : c + 64].float() * scale[r // 128, c // 128]
+    assert torch.equal(got, expected)
+    assert ((got - w).abs() / w.abs().amax()).max() < 0.07  # e4m3 keeps 3 mantissa bits
+
+
+def test_576_row_projection_uses_integer_division() -> None:
+    # kv_a_proj_with_mqa of V3 is [576, 7168] with a [5, 56] grid; 576 // 5 = 115 would be the classic bug
+    w = torch.randn(576, 256)
+    w[512:] *= 40  # the last, 64-row block has its own, much larger scale
+    w8, scale = fp8.quantize(w)
+    assert scale.shape == (5, 2)
+    got = fp8.dequantize(w8, scale, (128, 128), torch.float32)
+    assert ((got - w).abs() / w.abs()).median() < 0.05
+
+
+def test_fp8_checkpoint_logits_equal_dequantized_bf16_model(tmp_path: Path) -> None:
+    # dimensions that are not multiples of 128: hidden 160, kv_a 144+16 rows, q_b 4*(24+16) rows
+    folder, _ = make_checkpoint(tmp_path / "src", hidden_size=160, intermediate_size=200, moe_intermediate_size=136,
+                                kv_lora_rank=144, q_lora_rank=130, qk_nope_head_dim=24, qk_rope_head_dim=16,
+                                v_head_dim=40)
+    tensors = load_file(folder / "model.safetensors")
+    quantized, dequantized = {}, {}
+    for name, t in tensors.items():
+        if t.dim() == 2 and name.startswith("model.layers.") and not name.endswith("mlp.gate.weight"):
+            w8, scale = fp8.quantize(t)
+            quantized[name], quantized[name + "_scale_inv"] = w8, scale
+            dequantized[name] = fp8.dequantize(w8, scale, (128, 128), torch.bfloat16)
+        else:
+            quantized[name] = t
+            dequantized[name] = t if name.endswith(("e_score_correction_bias", "gate.weight")) else t.bfloat16()
+    assert any(v.shape[0] % 128 and k.endswith("_scale_inv") is False and v.dtype == torch.float8_e4m3fn
+               for k, v in quantized.items())
+    config = json.loads((folder / "config.json").read_text())
+    for sub, data, extra in (("fp8", quantized, {"quantization_config": {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}),
+            ("bf16", dequantized, {})):
+        out = tmp_path / sub
+        out.mkdir()
+        save_file({k: v.contiguous() for k, v in data.items()}, out / "model.safetensors")
+        (out / "config.json").write_text(json.dumps({**config, **extra}))
+    ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = routed.load_model(tmp_path / "fp8", torch.bfloat16, progress=False)(ids)
+        b = routed.load_model(tmp_path / "bf16", torch.bfloat16, progress=False)(ids)
+    assert torch.equal(a, b)

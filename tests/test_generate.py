@@ -1,0 +1,109 @@
+"""Cached decode against the full forward, and generation against transformers' greedy generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import routed
+from conftest import YARN, make_checkpoint
+from routed.errors import RoutedError
+from routed.sampling import SamplingParams, filter_logits
+
+VOCAB = 129280  # the real DeepSeek-V3 tokenizer
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory: pytest.TempPathFactory):
+    return make_checkpoint(tmp_path_factory.mktemp("gen") / "ckpt", tokenizer=True, vocab_size=VOCAB,
+                           hidden_size=32, rope_parameters=YARN)
+
+
+@pytest.mark.parametrize("attn", ["absorb", "naive"])
+def test_cached_incremental_decode_equals_full_forward(ckpt, attn: str) -> None:
+    folder, _ = ckpt
+    model = routed.load_model(folder, torch.float32, progress=False)
+    model.set_impl(attn=attn)
+    ids = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(3, 20)
+        prefix = 7
+        h = model.forward_hidden(ids[:, :prefix], torch.arange(prefix).expand(3, prefix), cache, kv_len=prefix)
+        steps = [model.logits(h)]
+        for t in range(prefix, 20):
+            h = model.forward_hidden(ids[:, t : t + 1], torch.full((3, 1), t), cache, kv_len=t + 1)
+            steps.append(model.logits(h))
+    incremental = torch.cat(steps, dim=1)
+    assert ((incremental - full).abs().max() / full.abs().max()).item() < 1e-5
+
+
+def test_greedy_generate_matches_transformers(chat_ckpt) -> None:
+    folder, reference = chat_ckpt
+    llm = routed.LLM(folder, dtype="fp32", progress=False)
+    prompts = ["The capital of France is", "def fibonacci(n):\n    return", "你好"]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outputs = llm.generate(prompts, params)  # one static batch, prompts of different lengths
+    for prompt, out in zip(prompts, outputs):
+        ids = torch.tensor([llm.tokenizer.encode(prompt)])
+        with torch.no_grad():
+            expected = reference.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                          pad_token_id=0, attention_mask=torch.ones_like(ids))
+        assert out.token_ids == expected[0, ids.shape[1]:].tolist(), prompt
+        assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        assert out.finish_reason == "length"
+
+
+def test_stops_and_seeds(chat_ckpt) -> None:
+    folder, _ = chat_ckpt
+    llm = routed.LLM(folder, dtype="fp32", progress=False)
+    base = llm.generate("Once upon a time", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    # a stop token id ends generation at that token
+    stop_tok = base.token_ids[4]
+    out = llm.generate("Once upon a time", SamplingParams(max_tokens=10, temperature=0,
+                                                           stop_token_ids=[stop_tok]))[0]
+    assert out.token_ids == base.token_ids[: base.token_ids.index(stop_tok) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_tok
+    # a stop string cuts the text before it
+    stop = base.text[len(base.text) // 2 :][:3]
+    if stop.strip():
+        out = llm.generate("Once upon a time", SamplingParams(max_tokens=10, temperature=0, stop=[stop]))[0]
+        assert out.text == base.text[: base.text.index(stop)] and out.finish_reason == "stop"
+    # seeded sampling is reproducible, and top_k=1 is greedy
+    sampled = [llm.generate("Once", SamplingParams(max_tokens=8, temperature=1.0, seed=7))[0].token_ids
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    top1 = llm.generate("Once upon a time", SamplingParams(max_tokens=10, temperature=0.8, top_k=1, seed=3,
+                                                            ignore_eos=True))[0]
+    assert top1.token_ids == base.token_ids
+
+
+def test_streaming_text_equals_final_text(chat_ckpt) -> None:
+    folder, _ = chat_ckpt
+    llm = routed.LLM(folder, dtype="fp32", progress=False)
+    pieces: list[str] = []
+    out = llm.chat([{"role": "user", "content": "Write a haiku 🙂"}],
+                   SamplingParams(max_tokens=15, temperature=0.9, seed=1),
+                   on_text=lambda row, delta: pieces.append(delta))[0]
+    assert "".join(pieces) == out.text and "\ufffd" not in "".join(pieces[:-1])
+
+
+def test_filter_logits_top_p_keeps_the_crossing_token() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = filter_logits(logits, 1.0, 0, 0.7).isfinite().tolist()
+    assert kept == [True, True, False, False]
+    assert filter_logits(logits, 1.0, 3, 1.0).isfinite().tolist() == [True, True, True, False]
+
+
+def test_bad_requests_are_clear_errors(chat_ckpt) -> None:
+    folder, _ = chat_ckpt
+    llm = routed.LLM(folder, dtype="fp32", progress=False)
+    with pytest.raises(RoutedError, match="context"):
+        llm.generate([[1] * 250], SamplingParams(max_tokens=10))
+    with pytest.raises(RoutedError, match="outside the vocabulary"):
+        llm.generate([[VOCAB + 5]], SamplingParams(max_tokens=2))
+    for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2)):
+        with pytest.raises(RoutedError):
+            SamplingParams(**bad)
