@@ -312,3 +312,25 @@ def _parse_rope(raw: dict[str, Any], max_pos: int, fail: Any) -> RopeConfig:
         attention_factor=params.get("attention_factor"),
         truncate=bool(params.get("truncate", True)),
     )
+
+
+@dataclass(slots=True, frozen=True)
+class EngineConfig:
+    """Batching and cache settings of the engine (the model's shape lives in ModelConfig)."""
+
+    max_num_seqs: int = 16  # running requests per step
+    max_num_batched_tokens: int = 512  # tokens per step: decode rows plus prefill chunks
+    block_size: int = 16  # tokens per cache block
+    kv_cache_gb: float = 1.0  # memory for the latent cache; the block count is derived from it
+    max_model_len: int | None = None  # prompt + output cap; default: the model's context, at most 32768
+    max_waiting: int = 256  # queued requests beyond which new ones are refused
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise RoutedError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.kv_cache_gb <= 0:
+            raise RoutedError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise RoutedError(f"max_model_len must be at least 2, got {self.max_model_len}")

@@ -1,8 +1,8 @@
 """Sampling parameters and the sampler, as pure functions over fp32 logits.
 
-`sample(logits_BV, params, generators)` -> next ids [B]: greedy when temperature is 0, otherwise
-temperature, then top-k, then top-p (nucleus) filtering, then a draw from each row's own generator (so a
-seeded request gives the same tokens whatever else is in the batch).
+`sample_one(logits_V, params, output_ids, generator)` -> next id: presence/frequency penalties, then greedy
+when temperature is 0, otherwise temperature, top-k, top-p (nucleus) filtering and a draw from the
+request's own generator (so a seeded request gives the same tokens whatever else is in the batch).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
+    logprobs: int | None = None  # return each sampled token's logprob plus this many top alternatives
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -38,6 +41,11 @@ class SamplingParams:
             raise RoutedError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if any(not s for s in self.stop):
             raise RoutedError("stop strings must be non-empty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise RoutedError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise RoutedError(f"logprobs must be in [0, 20], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -64,13 +72,19 @@ def filter_logits(logits_V: torch.Tensor, temperature: float, top_k: int, top_p:
     return logits_V
 
 
-def sample(
-    logits_BV: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> torch.Tensor:
-    out = logits_BV.argmax(dim=-1)
-    for row, p in enumerate(params):
-        if p.greedy:
-            continue
-        probs = filter_logits(logits_BV[row].float(), p.temperature, p.top_k, p.top_p).softmax(-1)
-        out[row] = torch.multinomial(probs, 1, generator=generators[row])[0]
-    return out
+def apply_penalties(logits_V: torch.Tensor, output_ids: list[int], presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence/frequency penalties over the tokens generated so far."""
+    if not output_ids or (presence == 0 and frequency == 0):
+        return logits_V
+    counts = torch.bincount(torch.tensor(output_ids), minlength=logits_V.shape[-1]).to(logits_V.dtype)
+    return logits_V - frequency * counts - presence * (counts > 0).to(logits_V.dtype)
+
+
+def sample_one(logits_V: torch.Tensor, params: SamplingParams, output_ids: list[int],
+               generator: torch.Generator | None) -> int:
+    """Next token for one sequence from its fp32 logits."""
+    logits_V = apply_penalties(logits_V, output_ids, params.presence_penalty, params.frequency_penalty)
+    if params.greedy:
+        return int(logits_V.argmax())
+    probs = filter_logits(logits_V, params.temperature, params.top_k, params.top_p).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator)[0])

@@ -10,6 +10,7 @@ import torch
 import routed
 from conftest import YARN, make_checkpoint
 from routed.errors import RoutedError
+from routed.model.attention import PagedBatch
 from routed.sampling import SamplingParams, filter_logits
 
 VOCAB = 129280  # the real DeepSeek-V3 tokenizer
@@ -22,21 +23,29 @@ def chat_ckpt(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.parametrize("attn", ["absorb", "naive"])
-def test_cached_incremental_decode_equals_full_forward(ckpt, attn: str) -> None:
+def test_paged_incremental_decode_equals_full_forward(ckpt, attn: str) -> None:
     folder, _ = ckpt
     model = routed.load_model(folder, torch.float32, progress=False)
     model.set_impl(attn=attn)
-    ids = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(0))
+    B, T, prefix = 3, 20, 7
+    ids = torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(0))
+    # row r owns slots [r*64, r*64 + T) of the cache, scattered in reverse block order to exercise indexing
+    cache = model.new_cache(B * 64)
+    slot = lambda r, p: (B - 1 - r) * 64 + p  # noqa: E731
+
+    def step(start: int, end: int) -> torch.Tensor:
+        n = end - start
+        batch = PagedBatch(
+            cache, torch.tensor([slot(r, p) for r in range(B) for p in range(start, end)]),
+            [(r * n, (r + 1) * n) for r in range(B)],
+            [torch.tensor([slot(r, p) for p in range(end)]) for r in range(B)],
+        )
+        h = model.forward_hidden(ids[:, start:end].reshape(1, -1), torch.arange(start, end).repeat(B)[None], batch)
+        return model.logits(h).view(B, n, -1)
+
     with torch.no_grad():
         full = model(ids)
-        cache = model.new_cache(3, 20)
-        prefix = 7
-        h = model.forward_hidden(ids[:, :prefix], torch.arange(prefix).expand(3, prefix), cache, kv_len=prefix)
-        steps = [model.logits(h)]
-        for t in range(prefix, 20):
-            h = model.forward_hidden(ids[:, t : t + 1], torch.full((3, 1), t), cache, kv_len=t + 1)
-            steps.append(model.logits(h))
-    incremental = torch.cat(steps, dim=1)
+        incremental = torch.cat([step(0, prefix)] + [step(t, t + 1) for t in range(prefix, T)], dim=1)
     assert ((incremental - full).abs().max() / full.abs().max()).item() < 1e-5
 
 

@@ -12,11 +12,15 @@ Naive: expand every key and value per head through kv_b_proj (the reference, wha
 Absorbed: fold W_UK into the query and W_UV after attention, so attention runs over the 576-wide latent
 shared by all heads (MQA); only the latent is ever stored. Softmax is fp32 in both.
 
+`paged_attention` runs either path for an engine step whose sequences keep their latents in a paged cache.
+
 Legend: B batch rows, T query tokens, S key tokens, H heads, N qk_nope_head_dim, R qk_rope_head_dim,
 V v_head_dim, L kv_lora_rank, C = L + R.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,23 +75,43 @@ def _masked_softmax(scores_BHTS: torch.Tensor, mask_BTS: torch.Tensor) -> torch.
 ATTENTION = {"naive": naive_attention, "absorb": absorbed_attention}
 
 
-class LatentCache:
-    """Contiguous per-row latent cache for a static batch: `data[layer, row, position] = [c_KV | k_R]`.
+@dataclass(slots=True)
+class PagedBatch:
+    """One engine step over a paged latent cache; tokens of all sequences are flattened into one row.
 
-    Rows fill from position 0 upwards; a forward writes its tokens at their positions, then attends over the
-    first `kv_len` positions with a causal mask on positions, so padding written past a row's end is masked
-    out and later overwritten. (The engine's paged cache replaces this for continuous batching.)
+    cache_LPC     the cache, [num_layers, num_blocks * block_size, C]: slot = block * block_size + offset
+    slots_N       the cache slot each token of the step writes its latent to
+    seq_bounds    [start, end) of each sequence's tokens in the flattened step
+    key_slots     per sequence, the slots of its first kv_len tokens (its whole context after this step)
     """
 
-    def __init__(
-        self, num_layers: int, batch: int, max_len: int, latent_dim: int, dtype: torch.dtype,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        self.data = torch.zeros(num_layers, batch, max_len, latent_dim, dtype=dtype, device=device)
-        self.max_len = max_len
+    cache_LPC: torch.Tensor
+    slots_N: torch.Tensor
+    seq_bounds: list[tuple[int, int]]
+    key_slots: list[torch.Tensor]
 
-    def update(self, layer: int, positions_BT: torch.Tensor, latent_BTC: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """Store this step's latents at their positions; return the first kv_len positions of every row."""
-        rows_B1 = torch.arange(positions_BT.shape[0], device=positions_BT.device).unsqueeze(1)
-        self.data[layer][rows_B1, positions_BT] = latent_BTC.to(self.data.dtype)
-        return self.data[layer, :, :kv_len]
+
+def paged_attention(
+    impl: str,
+    layer: int,
+    batch: PagedBatch,
+    q_nope_BTHN: torch.Tensor,
+    q_pe_BTHR: torch.Tensor,
+    latent_BTC: torch.Tensor,
+    positions_BT: torch.Tensor,
+    kv_b_HXL: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Write the step's latents into the cache, then attend per sequence over its own cached context."""
+    cache_PC = batch.cache_LPC[layer]
+    cache_PC[batch.slots_N] = latent_BTC[0].to(cache_PC.dtype)
+    out = q_nope_BTHN.new_empty(*q_nope_BTHN.shape[:3], kv_b_HXL.shape[1] - q_nope_BTHN.shape[-1])
+    for (start, end), key_slots in zip(batch.seq_bounds, batch.key_slots):
+        keys_SC = cache_PC[key_slots]
+        key_pos_S = torch.arange(keys_SC.shape[0], device=keys_SC.device)
+        mask_TS = key_pos_S.unsqueeze(0) <= positions_BT[0, start:end].unsqueeze(1)
+        out[:, start:end] = ATTENTION[impl](
+            q_nope_BTHN[:, start:end], q_pe_BTHR[:, start:end], keys_SC.unsqueeze(0), mask_TS.unsqueeze(0),
+            kv_b_HXL, scale,
+        )
+    return out

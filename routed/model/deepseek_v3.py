@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from routed.config import ModelConfig, RopeConfig
-from routed.model.attention import ATTENTION, ATTN_IMPLS, LatentCache
+from routed.model.attention import ATTENTION, ATTN_IMPLS, PagedBatch, paged_attention
 from routed.model.experts import RoutedExperts, swiglu
 
 
@@ -124,7 +124,8 @@ class MLA(nn.Module):
         x_BTD: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         positions_BT: torch.Tensor,
-        cache: tuple[LatentCache, int, int] | None,
+        batch: PagedBatch | None,
+        layer: int,
         impl: str,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -140,16 +141,13 @@ class MLA(nn.Module):
         k_pe_BTR = apply_rope(kv[..., self.kv_lora_rank :], *rope)
         latent_BTC = torch.cat([c_BTL, k_pe_BTR], dim=-1)
 
-        if cache is None:
-            latent_BSC, key_pos_BS = latent_BTC, positions_BT
-        else:
-            store, layer, kv_len = cache
-            latent_BSC = store.update(layer, positions_BT, latent_BTC, kv_len)
-            key_pos_BS = torch.arange(kv_len, device=x_BTD.device).expand(B, kv_len)
-        mask_BTS = key_pos_BS.unsqueeze(1) <= positions_BT.unsqueeze(2)
-
         kv_b_HXL = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        o_BTHV = ATTENTION[impl](q_nope, q_pe, latent_BSC, mask_BTS, kv_b_HXL, self.scale)
+        if batch is None:  # every row is its own sequence, all tokens present: causal over positions
+            mask_BTS = positions_BT.unsqueeze(1) <= positions_BT.unsqueeze(2)
+            o_BTHV = ATTENTION[impl](q_nope, q_pe, latent_BTC, mask_BTS, kv_b_HXL, self.scale)
+        else:
+            o_BTHV = paged_attention(impl, layer, batch, q_nope, q_pe, latent_BTC, positions_BT, kv_b_HXL,
+                                     self.scale)
         return self.o_proj(o_BTHV.reshape(B, T, -1))
 
 
@@ -255,10 +253,11 @@ class Block(nn.Module):
         h_BTD: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         positions_BT: torch.Tensor,
-        cache: tuple[LatentCache, int, int] | None,
+        batch: PagedBatch | None,
+        layer: int,
         impl: str,
     ) -> torch.Tensor:
-        h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), rope, positions_BT, cache, impl)
+        h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), rope, positions_BT, batch, layer, impl)
         return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
 
 
@@ -327,24 +326,21 @@ class Transformer(nn.Module):
         self,
         input_ids_BT: torch.Tensor,
         positions_BT: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
-        kv_len: int | None = None,
+        batch: PagedBatch | None = None,
     ) -> torch.Tensor:
         """Hidden states after the final norm, [B, T, D].
 
-        With a cache, this step's latents are written at `positions` and attention reads the first
-        `kv_len` cached positions of every row (kv_len = max position + 1, given by the caller so that no
-        host sync is needed here).
+        Without a batch every row is one whole sequence (causal attention over its positions). With a
+        PagedBatch (B = 1: the step's tokens of all sequences flattened) each token's latent is written to
+        its cache slot and each sequence attends over its own cached context.
         """
         B, T = input_ids_BT.shape
         if positions_BT is None:
             positions_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
-        if cache is not None and kv_len is None:
-            raise ValueError("kv_len is required with a cache")
         rope = self.rotary(positions_BT)
         h = self.model.embed_tokens(input_ids_BT)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, rope, positions_BT, None if cache is None else (cache, i, kv_len), self.attn_impl)
+            h = layer(h, rope, positions_BT, batch, i, self.attn_impl)
         return self.model.norm(h)
 
     def logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
@@ -353,7 +349,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         return self.logits(self.forward_hidden(input_ids_BT))
 
-    def new_cache(self, batch: int, max_len: int) -> LatentCache:
+    def new_cache(self, num_slots: int) -> torch.Tensor:
+        """An empty paged latent cache: [num_layers, num_slots, kv_lora_rank + qk_rope_head_dim]."""
         cfg = self.config
-        return LatentCache(cfg.num_hidden_layers, batch, max_len, cfg.latent_dim, self.dtype,
-                           self.lm_head.weight.device)
+        return torch.zeros(cfg.num_hidden_layers, num_slots, cfg.latent_dim, dtype=self.dtype,
+                           device=self.lm_head.weight.device)
