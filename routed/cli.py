@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from pathlib import Path
 
 from routed.errors import RoutedError
 
@@ -98,6 +98,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from routed.config import EngineConfig
+    from routed.server.serve import serve
+
+    if not Path(args.model).is_dir():
+        raise RoutedError(f"{args.model}: no such checkpoint folder")
+    engine_config = EngineConfig(
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+    serve(args.model, args.host, args.port, args.api_key or os.environ.get("ROUTED_API_KEY"), args.dtype,
+          engine_config, args.served_model_name, args.max_body_bytes, args.drain_timeout)
+    return 0
+
+
 def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     from routed.presets import write_random_checkpoint
 
@@ -144,6 +162,31 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", required=True, help="checkpoint folder")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("serve", help="serve an OpenAI-compatible API (chat, completions, models, metrics)",
+                       description="Serve the model over HTTP with continuous batching. Binds 127.0.0.1 unless "
+                                   "--host says otherwise; SIGTERM drains in-flight requests, then exits 0.")
+    s.add_argument("--model", required=True, help="checkpoint folder")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (or set ROUTED_API_KEY)")
+    s.add_argument("--served-model-name", default=None, help="model id clients send (default: the folder name)")
+    s.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weight dtype (default bf16)")
+    s.add_argument("--max-num-seqs", type=_positive_int, default=16, help="running requests per step (default 16)")
+    s.add_argument("--max-num-batched-tokens", type=_positive_int, default=512,
+                   help="tokens per step, decode rows plus prefill chunks (default 512)")
+    s.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the latent cache (default 1.0)")
+    s.add_argument("--max-model-len", type=_positive_int, default=None,
+                   help="prompt + output cap (default: the model's context, at most 32768)")
+    s.add_argument("--max-waiting", type=_positive_int, default=256,
+                   help="queued requests beyond which new ones get 429 (default 256)")
+    s.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
+    s.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
+                   help="largest request body accepted; larger gets 413 (default 1 MiB)")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM (default 30)")
+    s.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint in the Hugging Face layout",
                        description="Write config.json, safetensors shards and the DeepSeek-V3 tokenizer files. "

@@ -105,6 +105,15 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise RoutedError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt_ids, params)
+        req = Request(request_id, list(prompt_ids), params)
+        self.requests[request_id] = req
+        self._text[request_id] = (IncrementalDecoder(self.tokenizer, skip_special_tokens=True), StopText(params.stop))
+        self.scheduler.add(req)
+        return request_id
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RoutedError if the request cannot run; reads nothing that step() changes (thread-safe)."""
         vocab = self.model.config.vocab_size
         if not prompt_ids:
             raise RoutedError("the prompt is empty")
@@ -115,11 +124,6 @@ class LLMEngine:
                 f"the prompt has {len(prompt_ids)} tokens; with max_tokens {params.max_tokens} that exceeds the "
                 f"context of {self.max_model_len} tokens"
             )
-        req = Request(request_id, list(prompt_ids), params)
-        self.requests[request_id] = req
-        self._text[request_id] = (IncrementalDecoder(self.tokenizer, skip_special_tokens=True), StopText(params.stop))
-        self.scheduler.add(req)
-        return request_id
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request and free its cache blocks at once; False if it is unknown or already done."""
