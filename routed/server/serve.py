@@ -36,7 +36,8 @@ class _DrainingServer(uvicorn.Server):
                  self.engine.in_flight)
         loop = asyncio.get_event_loop()
         task = loop.create_task(self.engine.drain(self.drain_timeout))
-        task.add_done_callback(lambda _: super(_DrainingServer, self).handle_exit(sig, frame))
+        # should_exit rather than super().handle_exit: uvicorn would re-raise the signal at exit (status -15)
+        task.add_done_callback(lambda _: setattr(self, "should_exit", True))
 
 
 def serve(model: str | Path, host: str, port: int, api_key: str | None, dtype: str, engine_config: EngineConfig,
