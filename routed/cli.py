@@ -104,8 +104,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from routed.config import EngineConfig
     from routed.server.serve import serve
 
-    if not Path(args.model).is_dir():
-        raise RoutedError(f"{args.model}: no such checkpoint folder")
+    from routed.config import ModelConfig
+    from routed.loader import scan_checkpoint
+    from routed.tokenizer import Tokenizer
+
+    # fail fast on what can be checked in a second; the weights themselves load in the background
+    ModelConfig.from_pretrained(args.model)
+    scan_checkpoint(args.model)
+    Tokenizer.from_pretrained(args.model)
     engine_config = EngineConfig(
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
