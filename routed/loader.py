@@ -7,12 +7,14 @@
   dtype — the model holds bf16/fp32 weights (this CPU has no fast FP8 matmul).
 * Duplicates and extras that are skipped on purpose: MTP layers (index >= num_hidden_layers) unless asked for,
   the MTP modules' copies of the embedding and head, legacy `rotary_emb.inv_freq` buffers.
+* A missing `e_score_correction_bias` loads as zeros with a warning (routing health flags it).
 * Anything else missing, unexpected or mis-shaped: one RoutedError naming the tensor and both shapes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +24,11 @@ from safetensors import SafetensorError, safe_open
 
 from routed.config import ModelConfig
 from routed.errors import RoutedError
-from routed.model.deepseek_v3 import Transformer
+from routed.model.deepseek_v3 import Gate, Transformer
 from routed.progress import progress_bar
 from routed.quant import fp8
 
+log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 _EXPERTS = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -131,8 +134,14 @@ def load_model(
         model = Transformer(cfg, dtype=dtype, with_mtp=mtp)
     model.to_empty(device="cpu")
     table = checkpoint_table(model)
-    _check_names(table, infos, cfg, mtp, folder)
     state = model.state_dict(keep_vars=True)
+    absent_bias = [n for n in table if n.endswith("e_score_correction_bias") and n not in infos]
+    if absent_bias:  # some conversions drop it: run, but loudly (the routing health check flags it too)
+        log.warning("%s: %d layers have no e_score_correction_bias; using zeros — routing will not match the "
+                    "trained model", folder, len(absent_bias))
+        for name in absent_bias:
+            state[table.pop(name).key].zero_()
+    _check_names(table, infos, cfg, mtp, folder)
     by_file: dict[Path, list[str]] = {}
     for name in table:
         by_file.setdefault(infos[name].file, []).append(name)
@@ -145,6 +154,9 @@ def load_model(
                     with torch.no_grad():
                         dest.copy_(_read(f, name, infos, cfg))
                     advance()
+    for module in model.modules():
+        if isinstance(module, Gate):
+            module.reset_counters()  # to_empty left them uninitialised
     model.eval()
     return model
 

@@ -171,6 +171,11 @@ class Gate(nn.Module):
     sigmoid/noaux_tc (V3): select on s + bias, groups scored by the sum of their top-2, dropped groups −inf.
     softmax/greedy or group_limited_greedy (V2): select on s, groups scored by their max.
     Weights are s at the chosen experts, renormalised when norm_topk_prob, always × routed_scaling_factor.
+
+    Routing telemetry: while `counting` is on, every forward adds into device buffers (no host sync) —
+    `expert_counts` [E] tokens per expert, `expert_weight` [E] summed routing weight, `group_counts` [G],
+    `route_stats` [4] = (tokens, Σ margin between the k-th and (k+1)-th biased score, Σ top-k share of the
+    score mass, non-finite router logits). `routed.telemetry` reads and resets them once per engine step.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -184,6 +189,11 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        self.counting = True
+        self.register_buffer("expert_counts", torch.zeros(E, dtype=torch.long), persistent=False)
+        self.register_buffer("expert_weight", torch.zeros(E, dtype=torch.float32), persistent=False)
+        self.register_buffer("group_counts", torch.zeros(self.n_group, dtype=torch.long), persistent=False)
+        self.register_buffer("route_stats", torch.zeros(4, dtype=torch.float32), persistent=False)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         """Follow device moves but never a dtype cast: router math and the bias stay fp32 (spec trap 1)."""
@@ -194,11 +204,16 @@ class Gate(nn.Module):
 
         return super()._apply(keep_fp32, recurse)
 
+    def reset_counters(self) -> None:
+        for buf in (self.expert_counts, self.expert_weight, self.group_counts, self.route_stats):
+            buf.zero_()
+
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> topk_ids [N, K], topk_weights [N, K] fp32, router logits [N, E] fp32."""
         logits_NE = F.linear(x_ND.float(), self.weight.float())
         scores = logits_NE.sigmoid() if self.scoring_func == "sigmoid" else logits_NE.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        masked = choice
         if self.topk_method != "greedy" and self.n_group > 1:
             N, E = choice.shape
             grouped = choice.view(N, self.n_group, E // self.n_group)
@@ -208,12 +223,29 @@ class Gate(nn.Module):
                 group_scores = grouped.max(dim=-1).values
             keep = group_scores.topk(self.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(N, E)
-        topk_ids = choice.topk(self.top_k, dim=-1).indices
+            masked = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(N, E)
+        topk_ids = masked.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, topk_ids)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return topk_ids, weights * self.scaling, logits_NE
+        weights = weights * self.scaling
+        if self.counting:
+            self._count(logits_NE, scores, choice, topk_ids, weights)
+        return topk_ids, weights, logits_NE
+
+    @torch.no_grad()
+    def _count(self, logits_NE: torch.Tensor, scores_NE: torch.Tensor, choice_NE: torch.Tensor,
+               topk_ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> None:
+        E, K = scores_NE.shape[1], self.top_k
+        flat = topk_ids_NK.flatten()
+        self.expert_counts += torch.bincount(flat, minlength=E)
+        self.expert_weight.index_add_(0, flat, weights_NK.flatten())
+        self.group_counts += torch.bincount(flat // (E // self.n_group), minlength=self.n_group)
+        top = choice_NE.topk(min(K + 1, E), dim=-1).values
+        margin = (top[:, K - 1] - top[:, K]).sum() if K < E else top.new_zeros(())
+        mass = (scores_NE.gather(1, topk_ids_NK).sum(-1) / scores_NE.sum(-1)).sum()
+        nonfinite = (~torch.isfinite(logits_NE)).sum()
+        self.route_stats += torch.stack([top.new_tensor(float(scores_NE.shape[0])), margin, mass, nonfinite.float()])
 
 
 class MoE(nn.Module):
@@ -310,6 +342,10 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
+
+    def gates(self) -> list[tuple[int, Gate]]:
+        """(layer index, router) of every MoE layer of the main model, in order."""
+        return [(i, layer.mlp.gate) for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)]
 
     def set_impl(self, attn: str | None = None, experts: str | None = None) -> None:
         """Choose the attention path (absorb | naive) and the expert path (grouped | reference)."""
