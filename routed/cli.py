@@ -115,7 +115,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine_config = EngineConfig(
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
-        enable_prefix_caching=not args.no_prefix_caching,
+        enable_prefix_caching=not args.no_prefix_caching, routing_window_tokens=args.routing_window,
+        record_routing=args.record_routing,
     )
     serve(args.model, args.host, args.port, args.api_key or os.environ.get("ROUTED_API_KEY"), args.dtype,
           engine_config, args.served_model_name, args.max_body_bytes, args.drain_timeout)
@@ -188,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting", type=_positive_int, default=256,
                    help="queued requests beyond which new ones get 429 (default 256)")
     s.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
+    s.add_argument("--routing-window", type=_positive_int, default=4096,
+                   help="tokens in the sliding window of the routing telemetry (default 4096)")
+    s.add_argument("--record-routing", metavar="FILE", default=None,
+                   help="write routing counts over time to FILE (safetensors) for `routed stats --recording`")
     s.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
                    help="largest request body accepted; larger gets 413 (default 1 MiB)")
     s.add_argument("--drain-timeout", type=float, default=30.0,

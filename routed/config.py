@@ -325,9 +325,11 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output cap; default: the model's context, at most 32768
     max_waiting: int = 256  # queued requests beyond which new ones are refused
     enable_prefix_caching: bool = True
+    routing_window_tokens: int = 4096  # sliding window of the routing telemetry
+    record_routing: str | None = None  # safetensors file the routing counts over time are written to
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting", "routing_window_tokens"):
             if getattr(self, name) < 1:
                 raise RoutedError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.kv_cache_gb <= 0:

@@ -60,6 +60,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "num_nextn_predict_layers": 0,
         "max_position_embeddings": 163840, "rope_scaling": _V3_ROPE,
     },
+    # 0.46B parameters: fewer, wider experts than `small` (32 x 640, top-4), a third shape for the planner's checks
+    "medium": {
+        **_COMMON, "hidden_size": 768, "intermediate_size": 2048, "moe_intermediate_size": 640,
+        "num_hidden_layers": 6, "first_k_dense_replace": 1, "n_routed_experts": 32, "num_experts_per_tok": 4,
+        "n_group": 4, "topk_group": 2, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
+        "num_attention_heads": 12, "num_key_value_heads": 12, "q_lora_rank": 256, "kv_lora_rank": 192,
+        "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "num_nextn_predict_layers": 0,
+        "max_position_embeddings": 163840, "rope_scaling": _V3_ROPE,
+    },
 }
 
 _SHARD_BYTES = 1 << 30

@@ -209,8 +209,27 @@ def test_queue_full_is_429(tiny_preset: Path) -> None:
         assert srv.stop() == 0
 
 
-def test_sigterm_drains_in_flight_then_exits_0(tiny_preset: Path) -> None:
-    srv = Server(tiny_preset, "--max-model-len", "512", "--drain-timeout", "60")
+def test_routing_endpoint_metrics_and_reset(server: Server) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    httpx.post(f"{server.url}/v1/routing/reset", headers=headers).raise_for_status()
+    server.client().completions.create(model="tiny", prompt="count my experts", max_tokens=5, temperature=0)
+    body = httpx.get(f"{server.url}/v1/routing", headers=headers).json()
+    assert body["layers"] == [1, 2] and body["num_experts"] == 16 and body["top_k"] == 4
+    cumulative = body["windows"]["cumulative"]
+    n_tokens = cumulative["tokens"]  # prompt + 4 decode steps (the 5th token is sampled, never fed back)
+    assert n_tokens >= 5 and [sum(row) for row in cumulative["expert_counts"]] == [4 * n_tokens] * 2
+    assert {"max_vio", "entropy", "dead", "gate_margin", "topk_mass"} <= set(cumulative["measures"][0])
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'routed_routing_max_vio{layer="1"}' in text and 'routed_routing_alerts{kind="collapse"}' in text
+    assert "routing_alerts" in httpx.get(f"{server.url}/health").json()
+    httpx.post(f"{server.url}/v1/routing/reset", headers=headers).raise_for_status()
+    assert httpx.get(f"{server.url}/v1/routing", headers=headers).json()["windows"]["cumulative"]["tokens"] == 0
+    assert httpx.get(f"{server.url}/v1/routing").status_code == 401
+
+
+def test_sigterm_drains_in_flight_then_exits_0(tiny_preset: Path, tmp_path: Path) -> None:
+    recording = tmp_path / "routing.safetensors"
+    srv = Server(tiny_preset, "--max-model-len", "512", "--drain-timeout", "60", "--record-routing", str(recording))
     body = {"model": tiny_preset.name, "prompt": "x", "max_tokens": 150, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=120) as response:
         lines = response.iter_lines()
@@ -221,6 +240,10 @@ def test_sigterm_drains_in_flight_then_exits_0(tiny_preset: Path) -> None:
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in "".join(rest)
     assert srv.proc.wait(timeout=60) == 0
+    from routed.telemetry import Recording
+
+    rec = Recording.load(recording)  # written at shutdown
+    assert int(rec.tokens_T.sum()) >= 150 and rec.layers == [1, 2]
 
 
 def test_503_while_loading() -> None:

@@ -68,6 +68,8 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
+        if self.engine is not None:
+            self.engine.routing.save_recording()
 
     @property
     def in_flight(self) -> int:

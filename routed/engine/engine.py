@@ -23,6 +23,7 @@ from routed.errors import RoutedError
 from routed.loader import load_model, resolve_dtype
 from routed.model.deepseek_v3 import Transformer
 from routed.sampling import SamplingParams
+from routed.telemetry import RoutingMonitor
 from routed.tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
         self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.routing = RoutingMonitor(model, config.routing_window_tokens, record_path=config.record_routing)
         self.requests: dict[str, Request] = {}
         self._text: dict[str, tuple[IncrementalDecoder, StopText]] = {}
         self._ids = itertools.count()
@@ -151,6 +153,7 @@ class LLMEngine:
         if not sched.seqs:
             return []
         sampled = self.runner.run(sched)
+        self.routing.collect()
         outputs = []
         for s in sched.seqs:
             req = s.request

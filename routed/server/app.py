@@ -112,9 +112,11 @@ def create_app(engine: AsyncEngine, metrics: Metrics, model_name: str, api_key: 
     # ---- plain routes --------------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> JSONResponse:
-        body = {"status": engine.state, "in_flight": engine.in_flight}
+        body: dict[str, Any] = {"status": engine.state, "in_flight": engine.in_flight}
         if engine.error:
             body["error"] = engine.error
+        if engine.engine is not None:
+            body["routing_alerts"] = [a.as_dict() for a in engine.engine.routing.alerts()]
         return JSONResponse(body, 200 if engine.state == "ready" else 503)
 
     @app.get("/metrics")
@@ -127,6 +129,16 @@ def create_app(engine: AsyncEngine, metrics: Metrics, model_name: str, api_key: 
         if engine.engine is not None:
             card["max_model_len"] = engine.engine.max_model_len
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/routing", dependencies=[Depends(check_key)])
+    async def routing() -> dict[str, Any]:
+        """Layers x experts counts for the cumulative and sliding windows, their measures, the alerts."""
+        return ready_engine().routing.snapshot()
+
+    @app.post("/v1/routing/reset", dependencies=[Depends(check_key)])
+    async def routing_reset() -> dict[str, Any]:
+        ready_engine().routing.reset()
+        return {"reset": True}
 
     # ---- generation --------------------------------------------------------------------------------
     def ready_engine():  # noqa: ANN202

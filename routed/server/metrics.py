@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from routed.engine.async_engine import AsyncEngine
 from routed.engine.request import RequestOutput
@@ -37,6 +41,8 @@ class Metrics:
         ):
             Gauge(name, doc, registry=r).set_function(lambda field=field: stat(field))
 
+        r.register(RoutingCollector(engine))
+
     def observe(self, out: RequestOutput, submitted: float, first: float | None, finished: float) -> None:
         """Called by the engine thread when a request finishes."""
         self.prompt_tokens.inc(out.prompt_tokens)
@@ -45,3 +51,40 @@ class Metrics:
             self.ttft.observe(first - submitted)
             if out.completion_tokens > 1:
                 self.tpot.observe((finished - first) / (out.completion_tokens - 1))
+
+
+class RoutingCollector(Collector):
+    """Routing health at scrape time, bounded cardinality: one series per MoE layer per measure, never per expert."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.engine.engine is None:
+            return
+        monitor = self.engine.engine.routing
+        measures = monitor.measures("window")
+        per_layer = {
+            "max_vio": ("routed_routing_max_vio", "MaxVio (max load / mean load - 1) over the sliding window"),
+            "entropy": ("routed_routing_entropy", "Load entropy / ln(experts) over the sliding window (1 = even)"),
+            "dead": ("routed_routing_dead_experts", "Experts with no token in the sliding window"),
+            "drift": ("routed_routing_drift", "Jensen-Shannon divergence from the baseline profile (nats)"),
+        }
+        for field, (name, doc) in per_layer.items():
+            family = GaugeMetricFamily(name, doc, labels=["layer"])
+            for m in measures:
+                value = getattr(m, field)
+                if value is not None:
+                    family.add_metric([str(m.layer)], float(value))
+            yield family
+        if measures:
+            yield GaugeMetricFamily("routed_routing_max_vio_worst", "Worst layer MaxVio",
+                                    value=max(m.max_vio for m in measures))
+        alerts = GaugeMetricFamily("routed_routing_alerts", "Active routing alerts by kind", labels=["kind"])
+        counts: dict[str, int] = {k: 0 for k in ("dead_experts", "collapse", "drift", "bias_missing",
+                                                   "nonfinite_scores")}
+        for a in monitor.alerts():
+            counts[a.kind] = counts.get(a.kind, 0) + 1
+        for kind, n in counts.items():
+            alerts.add_metric([kind], n)
+        yield alerts
