@@ -123,6 +123,72 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_text_tokens(path: str, model_path: str, max_tokens: int) -> list[int]:
+    from routed.tokenizer import Tokenizer
+
+    file = Path(path)
+    if not file.is_file():
+        raise RoutedError(f"{path}: no such text file")
+    try:
+        text = file.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise RoutedError(f"{path}: cannot read ({e})") from None
+    ids = Tokenizer.from_pretrained(model_path).encode(text)[:max_tokens]
+    if len(ids) < 2:
+        raise RoutedError(f"{path}: the text has fewer than 2 tokens")
+    return ids
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from routed.loader import load_model
+    from routed.telemetry import Recording
+    from routed.telemetry.report import record_text, write_report
+
+    if bool(args.recording) == bool(args.model):
+        raise RoutedError("give either --model with --text, or --recording")
+    if args.recording:
+        rec, total, title = Recording.load(args.recording), None, Path(args.recording).stem
+    else:
+        if not args.text:
+            raise RoutedError("--model needs --text FILE to run over")
+        ids = _read_text_tokens(args.text, args.model, args.max_tokens)
+        model = load_model(args.model, args.dtype, progress=not args.json)
+        rec, total = record_text(model, ids, args.chunk_tokens)
+        title = f"{Path(args.model).name} on {Path(args.text).name}"
+        if args.save_recording:
+            rec.save(args.save_recording)
+    paths = write_report(rec, Path(args.out), title, total)
+    if args.json:
+        print(json.dumps(paths))
+    else:
+        print(Path(paths["summary"]).read_text())
+        print("wrote " + ", ".join(paths.values()), file=sys.stderr)
+    return 0
+
+
+def cmd_compare_routing(args: argparse.Namespace) -> int:
+    from routed.loader import load_model
+    from routed.telemetry.compare import compare_routing
+
+    ids = _read_text_tokens(args.text, args.reference, args.max_tokens)
+    result = compare_routing(load_model(args.model, args.dtype, progress=not args.json),
+                             load_model(args.reference, args.dtype, progress=not args.json), ids, args.chunk_tokens)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("layer", "identical top-k set", "mean overlap")
+    for layer, same, over in zip(result.layers, result.identical, result.overlap):
+        table.add_row(str(layer), f"{same:.1%}", f"{over:.1%}")
+    console = Console()
+    console.print(table)
+    console.print(f"{result.tokens} tokens; mean KL(reference || model) of next-token distributions: "
+                  f"{result.kl:.5f} nats")
+    return 0
+
+
 def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     from routed.presets import write_random_checkpoint
 
@@ -198,6 +264,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
     s.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("stats", help="routing pictures and a summary from a text or a recording",
+                        description="Expert-load heatmap (layers x experts), per-layer balance, balance over time "
+                                    "and a Markdown summary of the measures and alerts.")
+    st.add_argument("--model", help="checkpoint folder to run over --text")
+    st.add_argument("--text", help="UTF-8 text file to run the model over")
+    st.add_argument("--recording", help="a file written by `routed serve --record-routing`")
+    st.add_argument("--out", default="routing-report", help="folder for the PNGs and summary (default routing-report)")
+    st.add_argument("--chunk-tokens", type=_positive_int, default=256, help="tokens per window (default 256)")
+    st.add_argument("--max-tokens", type=_positive_int, default=16384, help="read at most this many tokens")
+    st.add_argument("--save-recording", help="also save the counts as a recording file")
+    st.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    st.add_argument("--json", action="store_true", help="print the written paths as JSON")
+    st.set_defaults(func=cmd_stats)
+
+    cr = sub.add_parser("compare-routing", help="how far a checkpoint's routing moved from a reference's",
+                        description="Per layer: fraction of tokens whose top-k expert set is identical, mean "
+                                    "overlap; and the KL divergence of next-token distributions.")
+    cr.add_argument("--model", required=True, help="checkpoint to check (e.g. a quantized one)")
+    cr.add_argument("--reference", required=True, help="checkpoint it should match (e.g. the bf16 original)")
+    cr.add_argument("--text", required=True, help="UTF-8 text file to run both over")
+    cr.add_argument("--chunk-tokens", type=_positive_int, default=256)
+    cr.add_argument("--max-tokens", type=_positive_int, default=4096)
+    cr.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    cr.add_argument("--json", action="store_true")
+    cr.set_defaults(func=cmd_compare_routing)
 
     r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint in the Hugging Face layout",
                        description="Write config.json, safetensors shards and the DeepSeek-V3 tokenizer files. "

@@ -325,6 +325,7 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output cap; default: the model's context, at most 32768
     max_waiting: int = 256  # queued requests beyond which new ones are refused
     enable_prefix_caching: bool = True
+    routing_telemetry: bool = True  # count routing per expert on the device (see routed.telemetry)
     routing_window_tokens: int = 4096  # sliding window of the routing telemetry
     record_routing: str | None = None  # safetensors file the routing counts over time are written to
 

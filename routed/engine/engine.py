@@ -84,6 +84,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.blocks)
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.routing = RoutingMonitor(model, config.routing_window_tokens, record_path=config.record_routing)
+        for _, gate in model.gates():
+            gate.counting = config.routing_telemetry
         self.requests: dict[str, Request] = {}
         self._text: dict[str, tuple[IncrementalDecoder, StopText]] = {}
         self._ids = itertools.count()
@@ -153,7 +155,8 @@ class LLMEngine:
         if not sched.seqs:
             return []
         sampled = self.runner.run(sched)
-        self.routing.collect()
+        if self.config.routing_telemetry:
+            self.routing.collect()
         outputs = []
         for s in sched.seqs:
             req = s.request

@@ -1,0 +1,212 @@
+"""Fit the planner's efficiency factors to measured throughput (`routed bench --json` files).
+
+Bench file schema (one JSON object; extra fields are ignored):
+
+    {"model": {"config": <config.json dict>}, "dtype": "bf16", "threads": 2,
+     "runs": [{"kind": "decode", "batch": 1, "context": 64, "tokens_per_second": 20.5},
+              {"kind": "prefill", "batch": 1, "prompt_len": 512, "tokens_per_second": 300.0}, ...]}
+
+A decode run's rate counts generated tokens over decode time at `batch` sequences attending `context` cached
+tokens; a prefill run's counts prompt tokens over the prefill step of `batch` prompts of `prompt_len`.
+The runs are routed's own: one device, bf16 weights, absorbed attention in prefill and decode.
+
+What is fitted, by least squares on log(predicted / measured) over every run of every file given:
+η_mem (memory bandwidth efficiency; decode runs pin it), η_compute (compute efficiency; prefill runs pin
+it) and a fixed per-step overhead in seconds. The overhead is kept only when it cuts the RMS log error by
+at least 10% against the fit without it — otherwise it is 0 and says so. Interconnect efficiency and
+overlap are not fitted (single-device benches cannot see them) and keep their defaults. The minimiser is
+Nelder-Mead on the logs of the factors, from a few starting points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from routed.config import ModelConfig
+from routed.errors import RoutedError
+from routed.planner.hardware import Hardware
+from routed.planner.memory import Parallelism
+from routed.planner.roofline import Efficiency, StepWork, step_time, step_work
+
+OVERHEAD_GAIN = 0.9  # keep the overhead term only if it brings the RMS log error below 90% of the fit without
+
+
+@dataclass(slots=True, frozen=True)
+class BenchRun:
+    kind: str  # decode | prefill
+    batch: int
+    tokens_per_second: float
+    context: int = 0  # decode: cached tokens each sequence attends
+    prompt_len: int = 0  # prefill: prompt tokens per sequence
+
+    @property
+    def label(self) -> str:
+        if self.kind == "decode":
+            return f"decode batch {self.batch}, context {self.context}"
+        return f"prefill batch {self.batch} x {self.prompt_len} tokens"
+
+
+@dataclass(slots=True, frozen=True)
+class Bench:
+    name: str
+    config: ModelConfig
+    dtype: str
+    threads: int | None
+    runs: tuple[BenchRun, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class PredictionRow:
+    bench: str
+    label: str
+    measured: float  # tokens/s
+    predicted: float
+    bound: str
+
+    @property
+    def error(self) -> float:
+        return self.predicted / self.measured - 1
+
+
+def load_bench(path: str | Path) -> Bench:
+    path = Path(path)
+    if not path.is_file():
+        raise RoutedError(f"{path}: no such bench file (produce one with `routed bench --json`)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RoutedError(f"{path}: not valid JSON ({e})") from None
+    return bench_from_dict(raw, str(path))
+
+
+def bench_from_dict(raw: Any, source: str = "<bench>") -> Bench:
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or "config" not in raw["model"]:
+        raise RoutedError(f"{source}: expected {{\"model\": {{\"config\": {{...}}}}, \"runs\": [...]}}")
+    cfg = ModelConfig.from_dict(raw["model"]["config"], source=f"{source}: model.config")
+    dtype = raw.get("dtype", "bf16")
+    if dtype not in ("bf16", "bfloat16"):
+        raise RoutedError(f"{source}: dtype {dtype!r}; calibration reads bf16 benches only")
+    runs_raw = raw.get("runs")
+    if not isinstance(runs_raw, list) or not runs_raw:
+        raise RoutedError(f"{source}: `runs` must be a non-empty list")
+    runs = []
+    for i, r in enumerate(runs_raw):
+        where = f"{source}: runs[{i}]"
+        if not isinstance(r, dict) or r.get("kind") not in ("decode", "prefill"):
+            raise RoutedError(f"{where}: `kind` must be decode or prefill")
+        need = ("batch", "tokens_per_second", "context" if r["kind"] == "decode" else "prompt_len")
+        for key in need:
+            v = r.get(key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise RoutedError(f"{where}: `{key}` must be a positive number, got {v!r}")
+        runs.append(BenchRun(r["kind"], int(r["batch"]), float(r["tokens_per_second"]),
+                             int(r.get("context", 0)), int(r.get("prompt_len", 0))))
+    name = raw["model"].get("preset") or Path(source).stem
+    return Bench(str(name), cfg, "bf16", raw.get("threads"), tuple(runs))
+
+
+def run_work(cfg: ModelConfig, run: BenchRun) -> StepWork:
+    """What routed does for one bench run: one device, bf16 weights, absorbed attention."""
+    if run.kind == "decode":
+        return step_work(cfg, "bf16", Parallelism(), "decode", run.batch, run.context)
+    return step_work(cfg, "bf16", Parallelism(), "prefill", run.batch, 0, new_tokens=run.prompt_len,
+                     attention="absorb")
+
+
+def predict(benches: Sequence[Bench], hw: Hardware, eff: Efficiency) -> list[PredictionRow]:
+    rows = []
+    for bench in benches:
+        for run in bench.runs:
+            t = step_time(run_work(bench.config, run), hw, eff)
+            rows.append(PredictionRow(bench.name, run.label, run.tokens_per_second, t.tokens_per_second, t.bound))
+    return rows
+
+
+@dataclass(slots=True)
+class Calibration:
+    efficiency: Efficiency
+    rms_log_error: float
+    rows: list[PredictionRow]  # the fitted runs, predicted with the fitted factors
+    overhead_fitted: bool
+
+    def predict(self, bench: Bench, hw: Hardware) -> list[PredictionRow]:
+        return predict([bench], hw, self.efficiency)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "efficiency": self.efficiency.to_dict(), "rms_log_error": self.rms_log_error,
+            "overhead_fitted": self.overhead_fitted,
+            "runs": [{"bench": r.bench, "run": r.label, "measured_tokens_per_second": r.measured,
+                      "predicted_tokens_per_second": r.predicted, "error": r.error, "bound": r.bound}
+                     for r in self.rows],
+        }
+
+
+def calibrate(benches: Sequence[Bench], hw: Hardware, base: Efficiency | None = None) -> Calibration:
+    """Fit η_mem, η_compute (and an overhead if it earns its place) to every run of `benches` on `hw`."""
+    base = base or Efficiency()
+    pairs = [(run_work(b.config, r), r.tokens_per_second) for b in benches for r in b.runs]
+    if not pairs:
+        raise RoutedError("no bench runs to calibrate on")
+
+    def efficiency(x: Sequence[float], with_overhead: bool) -> Efficiency:
+        return replace(base, memory=math.exp(x[0]), compute=math.exp(x[1]),
+                       overhead_s=math.exp(x[2]) if with_overhead else 0.0)
+
+    def loss(x: Sequence[float], with_overhead: bool) -> float:
+        eff = efficiency(x, with_overhead)
+        return sum(math.log(step_time(w, hw, eff).tokens_per_second / rate) ** 2 for w, rate in pairs)
+
+    fits = {}
+    for with_overhead in (False, True):
+        starts = [(math.log(m), math.log(c), math.log(o)) for m in (0.5, 0.05) for c in (0.5, 0.05)
+                  for o in (1e-3, 1e-2)]
+        best = min((nelder_mead(lambda x: loss(x, with_overhead), s) for s in starts), key=lambda r: r[1])
+        fits[with_overhead] = (best[0], math.sqrt(best[1] / len(pairs)))
+    use_overhead = fits[True][1] < OVERHEAD_GAIN * fits[False][1]
+    x, rms = fits[use_overhead]
+    names = ", ".join(b.name for b in benches)
+    eff = replace(efficiency(x, use_overhead), source=f"calibrated on {names} ({hw.name})")
+    return Calibration(eff, rms, predict(benches, hw, eff), use_overhead)
+
+
+def nelder_mead(
+    f: Callable[[Sequence[float]], float], x0: Sequence[float], step: float = 0.7, iters: int = 600,
+    tol: float = 1e-12,
+) -> tuple[list[float], float]:
+    """Minimise f from x0 (a small, dependency-free Nelder-Mead); -> (x, f(x))."""
+    n = len(x0)
+    simplex = [list(x0)] + [[x0[j] + (step if j == i else 0.0) for j in range(n)] for i in range(n)]
+    values = [f(p) for p in simplex]
+    for _ in range(iters):
+        order = sorted(range(n + 1), key=values.__getitem__)
+        simplex, values = [simplex[i] for i in order], [values[i] for i in order]
+        if values[-1] - values[0] < tol:
+            break
+        centroid = [sum(p[j] for p in simplex[:-1]) / n for j in range(n)]
+
+        def towards(t: float) -> list[float]:
+            return [c + t * (w - c) for c, w in zip(centroid, simplex[-1])]
+
+        reflected = towards(-1.0)
+        fr = f(reflected)
+        if fr < values[0]:
+            expanded = towards(-2.0)
+            fe = f(expanded)
+            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
+        elif fr < values[-2]:
+            simplex[-1], values[-1] = reflected, fr
+        else:
+            contracted = towards(0.5)
+            fc = f(contracted)
+            if fc < values[-1]:
+                simplex[-1], values[-1] = contracted, fc
+            else:  # shrink towards the best point
+                simplex = [simplex[0]] + [[b + 0.5 * (p - b) for b, p in zip(simplex[0], q)] for q in simplex[1:]]
+                values = [values[0]] + [f(p) for p in simplex[1:]]
+    i = min(range(n + 1), key=values.__getitem__)
+    return simplex[i], values[i]

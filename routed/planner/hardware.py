@@ -1,0 +1,230 @@
+"""Hardware for the planner: presets with a source for every figure, this machine probed, or a user's JSON file.
+
+`get_hardware(spec)` accepts a preset name (`h800`, `h100`, `h200`, `a100`, `b200`), `local`, or the path of a
+JSON file holding one object with these fields (units per device; bandwidths one direction):
+
+    {"name": "my-box", "memory_gb": 80, "memory_bandwidth_gb_s": 3350, "bf16_tflops": 989.4,
+     "fp8_tflops": 1978.9,            # optional; null: no fp8 tensor cores (fp8 weights run at the bf16 rate)
+     "nvlink_gb_s": 450,              # optional, default 0: device-to-device inside a node
+     "network_gb_s": 50,              # optional, default 0: per-device network (InfiniBand/RoCE/EFA) across nodes
+     "devices_per_node": 8,           # optional, default 8
+     "price_per_hour": 2.5,           # optional: USD per device-hour
+     "price_source": "...", "sources": {"compute": "...", ...},   # optional: where the figures come from
+     "overlap_memory_compute": true}  # optional, default true: step terms combine as max (GPU), else add (CPU)
+
+`local` (combining memory and compute time by addition, see roofline.py) is measured on first use — a memory-bandwidth probe (copy of a 256 MiB tensor: bytes read + written
+over the time) and a bf16 matmul probe (2048³) at torch's current thread count — and cached in
+`~/.cache/routed/local_hardware.json`; the cache is re-measured when the thread count, CPU or torch version
+differ. Dense TFLOPs are without 2:4 sparsity. GB = 1e9 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from routed.errors import RoutedError
+
+_HOPPER = "https://glennklockwood.com/garden/processors/h100 (GH100 theoretical peaks: bf16 989.4, fp8 1978.9 TFLOPS dense)"
+_PRICES_2026 = "https://www.mercatus-ai.com/blog/cloud-gpu-pricing (May 2026, specialty-cloud on-demand range; midpoint)"
+_DEEPEP = "https://github.com/deepseek-ai/DeepEP README: CX7 InfiniBand 400 Gb/s per GPU, ~50 GB/s"
+
+
+@dataclass(slots=True, frozen=True)
+class Hardware:
+    name: str
+    memory_gb: float  # per device
+    memory_bandwidth_gb_s: float
+    bf16_tflops: float  # dense
+    fp8_tflops: float | None = None  # dense; None: no fp8 units
+    nvlink_gb_s: float = 0.0  # per device, one direction, inside a node
+    network_gb_s: float = 0.0  # per device, one direction, across nodes
+    devices_per_node: int = 8
+    price_per_hour: float | None = None  # USD per device-hour
+    price_source: str = ""
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+    # True: a kernel's memory traffic and arithmetic overlap (GPU roofline: max); False: they add (CPU)
+    overlap_memory_compute: bool = True
+
+    def describe(self) -> str:
+        fp8 = f", fp8 {self.fp8_tflops:g}" if self.fp8_tflops else ""
+        links = f", NVLink {self.nvlink_gb_s:g} GB/s, network {self.network_gb_s:g} GB/s" if self.nvlink_gb_s else ""
+        return (f"{self.name}: {self.memory_gb:g} GB, {self.memory_bandwidth_gb_s:g} GB/s, bf16 {self.bf16_tflops:g}"
+                f"{fp8} TFLOPS{links}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+HARDWARE_PRESETS: dict[str, Hardware] = {
+    "h800": Hardware(
+        "H800 SXM5", 80, 3350, 989.4, 1978.9, nvlink_gb_s=200, network_gb_s=50, price_per_hour=2.0,
+        price_source="DeepSeek's own assumption: V3 tech report Table 1 and the open-infra-index day-6 cost "
+                     "accounting ($2 per H800 GPU-hour)",
+        sources={"memory, compute": "same GH100 silicon and HBM3 as the H100 SXM5 (cut on NVLink and FP64 only: "
+                                    "https://aiwiki.ai/wiki/nvidia_h800); " + _HOPPER,
+                 "nvlink": "400 GB/s bidirectional (export-control cut from 900); DeepSeek-V3 TR §3.2.2 measures "
+                           "160 GB/s usable",
+                 "network": _DEEPEP + "; DeepSeek-V3 TR §3.2.2 (IB 50 GB/s)"}),
+    "h100": Hardware(
+        "H100 SXM5", 80, 3350, 989.4, 1978.9, nvlink_gb_s=450, network_gb_s=50, price_per_hour=3.0,
+        price_source=_PRICES_2026 + ": $2.50-3.50",
+        sources={"memory, compute": _HOPPER + "; 80 GB HBM3 3.35 TB/s (NVIDIA H100 datasheet)",
+                 "nvlink": "NVLink 4: 900 GB/s bidirectional per GPU (NVIDIA H100 datasheet)",
+                 "network": "one ConnectX-7 400 Gb/s NIC per GPU (DGX H100)"}),
+    "h200": Hardware(
+        "H200 SXM", 141, 4800, 989.4, 1978.9, nvlink_gb_s=450, network_gb_s=50, price_per_hour=4.0,
+        price_source=_PRICES_2026 + ": $3.50-4.50",
+        sources={"memory, compute": "141 GB HBM3e at 4.8 TB/s, H100 compute (NVIDIA H200 datasheet; " + _HOPPER + ")",
+                 "nvlink": "NVLink 4: 900 GB/s bidirectional per GPU",
+                 "network": "one 400 Gb/s NIC per GPU (HGX H200 reference design)"}),
+    "a100": Hardware(
+        "A100 SXM4 80GB", 80, 2039, 312, None, nvlink_gb_s=300, network_gb_s=25, price_per_hour=1.3,
+        price_source=_PRICES_2026 + ": $1.10-1.50",
+        sources={"memory, compute": "NVIDIA A100 datasheet: 80 GB HBM2e, 2,039 GB/s, bf16 312 TFLOPS dense, no fp8",
+                 "nvlink": "NVLink 3: 600 GB/s bidirectional per GPU",
+                 "network": "one HDR 200 Gb/s NIC per GPU (DGX A100)"}),
+    "b200": Hardware(
+        "B200 (HGX)", 180, 8000, 2250, 4500, nvlink_gb_s=900, network_gb_s=50, price_per_hour=5.89,
+        price_source="RunPod on-demand B200 rate as quoted by https://usagepricing.com/blueprint/billing-units/"
+                     "gpu-hour-pricing (2026)",
+        sources={"memory": "180 GB HBM3e usable per GPU (DGX B200: 1,440 GB per 8), 8 TB/s "
+                           "(https://docs.vultr.com/inference-cookbook/cuda/getting-started/hardware-overview)",
+                 "compute": "https://glennklockwood.com/garden/processors/B200 (HGX B200 at 1,000 W: bf16 2,250, "
+                            "fp8 4,500 TFLOPS dense)",
+                 "nvlink": "NVLink 5: 1.8 TB/s bidirectional per GPU",
+                 "network": "one ConnectX-7 400 Gb/s NIC per GPU (DGX B200)"}),
+}
+
+_REQUIRED = ("memory_gb", "memory_bandwidth_gb_s", "bf16_tflops")
+_OPTIONAL = ("fp8_tflops", "nvlink_gb_s", "network_gb_s", "devices_per_node", "price_per_hour", "price_source",
+             "sources", "name", "overlap_memory_compute")
+
+
+def get_hardware(spec: str) -> Hardware:
+    """A preset name, `local`, or a JSON file path -> Hardware; RoutedError says which were possible."""
+    key = spec.lower()
+    if key in HARDWARE_PRESETS:
+        return HARDWARE_PRESETS[key]
+    if key == "local":
+        return local_hardware()
+    path = Path(spec)
+    if path.suffix == ".json" or path.exists():
+        return hardware_from_file(path)
+    raise RoutedError(f"unknown hardware {spec!r}; choose from {', '.join(HARDWARE_PRESETS)}, local, "
+                      "or the path of a JSON file describing your own (see `routed plan --help`)")
+
+
+def hardware_from_file(path: Path) -> Hardware:
+    if not path.is_file():
+        raise RoutedError(f"{path}: no such hardware file")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RoutedError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise RoutedError(f"{path}: expected one JSON object")
+    return hardware_from_dict(raw, str(path))
+
+
+def hardware_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Hardware:
+    missing = [k for k in _REQUIRED if k not in raw]
+    unknown = [k for k in raw if k not in _REQUIRED + _OPTIONAL]
+    if missing:
+        raise RoutedError(f"{source}: missing field(s) {', '.join(missing)} (units: GB, GB/s, TFLOPS)")
+    if unknown:
+        raise RoutedError(f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(_REQUIRED + _OPTIONAL)}")
+    for k in _REQUIRED + ("fp8_tflops", "nvlink_gb_s", "network_gb_s", "devices_per_node", "price_per_hour"):
+        v = raw.get(k)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
+            raise RoutedError(f"{source}: field {k} is {v!r}; expected a non-negative number")
+    for k in _REQUIRED:
+        if raw[k] <= 0:
+            raise RoutedError(f"{source}: field {k} must be positive")
+    return Hardware(
+        name=str(raw.get("name", Path(source).stem)), memory_gb=float(raw["memory_gb"]),
+        memory_bandwidth_gb_s=float(raw["memory_bandwidth_gb_s"]), bf16_tflops=float(raw["bf16_tflops"]),
+        fp8_tflops=float(raw["fp8_tflops"]) if raw.get("fp8_tflops") else None,
+        nvlink_gb_s=float(raw.get("nvlink_gb_s", 0)), network_gb_s=float(raw.get("network_gb_s", 0)),
+        devices_per_node=int(raw.get("devices_per_node", 8)) or 1,
+        price_per_hour=float(raw["price_per_hour"]) if raw.get("price_per_hour") is not None else None,
+        price_source=str(raw.get("price_source", "")), sources=dict(raw.get("sources") or {source: "user file"}),
+        overlap_memory_compute=bool(raw.get("overlap_memory_compute", True)),
+    )
+
+
+# ---- this machine --------------------------------------------------------------------------------------
+def cache_path() -> Path:
+    return Path.home() / ".cache" / "routed" / "local_hardware.json"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _fingerprint() -> dict[str, Any]:
+    import torch
+
+    return {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def local_hardware(path: Path | None = None, remeasure: bool = False) -> Hardware:
+    """This machine, from the cache when its fingerprint still matches, else probed (about a second)."""
+    path = path or cache_path()
+    fp = _fingerprint()
+    if path.is_file() and not remeasure:
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("fingerprint") == fp:
+                return hardware_from_dict(cached["hardware"], str(path))
+        except (json.JSONDecodeError, KeyError, TypeError, RoutedError):
+            pass  # a stale or damaged cache is simply measured again
+    hw = probe_local()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"fingerprint": fp, "hardware": hw.to_dict()}, indent=2) + "\n")
+    return hw
+
+
+def probe_local(copy_mib: int = 256, matmul_n: int = 2048, repeats: int = 5) -> Hardware:
+    import torch
+
+    def median_seconds(fn: Any) -> float:
+        fn()  # warm-up: page faults, kernel selection
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    src = torch.empty(copy_mib * 2**20 // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    copy_s = median_seconds(lambda: dst.copy_(src))
+    bandwidth = 2 * src.numel() * 4 / copy_s / 1e9  # read + write
+    del src, dst
+    a = torch.randn(matmul_n, matmul_n).to(torch.bfloat16)
+    b = torch.randn(matmul_n, matmul_n).to(torch.bfloat16)
+    mm_s = median_seconds(lambda: torch.matmul(a, b))
+    tflops = 2 * matmul_n**3 / mm_s / 1e12
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    threads = torch.get_num_threads()
+    return Hardware(
+        name=f"local ({_cpu_name()}, {threads} threads)", memory_gb=round(memory, 2),
+        memory_bandwidth_gb_s=round(bandwidth, 2), bf16_tflops=round(tflops, 4), devices_per_node=1,
+        overlap_memory_compute=False,  # CPU GEMMs at decode sizes take load time plus math time
+        sources={"memory_bandwidth_gb_s": f"measured: torch copy of {copy_mib} MiB, median of {repeats}",
+                 "bf16_tflops": f"measured: bf16 matmul {matmul_n}x{matmul_n}x{matmul_n}, median of {repeats}",
+                 "memory_gb": "physical memory (sysconf)"},
+    )

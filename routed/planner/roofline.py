@@ -1,0 +1,232 @@
+"""A roofline per engine step, for decode and prefill separately, on one device of a deployment.
+
+Contract: `step_work(...)` counts what one device does in one step (pure arithmetic on the config, no
+hardware): bytes read from memory, FLOPs, bytes sent over the interconnect. `step_time(work, hw, eff)`
+turns that into seconds with stated efficiency factors. Throughput and cost follow from the step time.
+
+What one step is
+* decode: every one of `batch` sequences (per attention data-parallel rank, i.e. per TP group) adds one
+  token; attention reads each sequence's whole latent cache (`context` tokens) in the absorbed form.
+* prefill: `batch` prompts of `new_tokens` tokens each (after `cached` prefix tokens already in the cache);
+  attention in MHA form (DeepSeek's prefill kernels) or absorbed (routed's CPU path), causal.
+
+Bytes: every weight a device holds is read once per step, except routed experts: of the ceil(E/ep) a device
+holds, each is read iff some token of the step chose it. With N tokens reaching the EP group, each choosing
+k of E experts uniformly, an expert is untouched with probability (1 − k/E)^N, so the expected distinct
+experts per layer are E·(1 − (1 − k/E)^N). Plus the latent cache read (decode) or written (prefill).
+FLOPs: 2 per weight per token through it (lm_head only on the one sampled row per sequence), plus attention.
+Interconnect (expert parallelism, per MoE layer, per token leaving the device): dispatch of D values (fp8
+with 1/128 fp32 scales when the weights are fp8, else bf16) and a bf16 combine per copy. Decode sends one
+copy per chosen remote expert (DeepEP's low-latency kernels, pure RDMA); prefill across nodes sends one
+copy per remote node holding a chosen expert and forwards over NVLink (DeepEP's normal kernels). TP adds a
+ring all-reduce of the hidden state after attention and after each (dense or shared) MLP.
+
+Time per step (the efficiency factors are printed with every plan):
+    t_weights   = combine(weight bytes / (BW·η_mem), linear FLOPs / (peak·η_compute))
+    t_attention = combine(cache bytes / (BW·η_mem), attention FLOPs / (bf16 peak·η_compute))
+    t_comm      = max(network bytes / network BW, NVLink bytes / NVLink BW) / η_comm
+    t_step      = t_weights + t_attention + t_comm − overlap·min(t_weights + t_attention, t_comm) + overhead
+combine = max (a GPU kernel overlaps its loads with its math: the roofline) or sum (`local`: on a CPU the
+decode-sized GEMMs measure as load time plus math time; `Hardware.overlap_memory_compute`). The linear peak is the fp8 rate for fp8 weights on hardware that has it, else bf16
+(int8/int4 are weight-only formats, dequantised to bf16).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from routed.config import ModelConfig
+from routed.planner.hardware import Hardware
+from routed.planner.memory import (
+    Parallelism,
+    expert_bytes,
+    kv_bytes_per_token,
+    tensor_bytes,
+    tensor_specs,
+    device_share,
+)
+
+ATTENTION_FORMS = ("mha", "absorb")
+
+
+@dataclass(slots=True, frozen=True)
+class Efficiency:
+    """Fractions of peak the engine reaches, and a fixed cost per step. Defaults: published kernel figures."""
+
+    memory: float = 0.7  # DeepGEMM decode-shaped fp8 GEMMs 1.5-2.3 TB/s, FlashMLA 3.0 TB/s, of 3.35 on H800
+    compute: float = 0.65  # FlashMLA 660 of 989 bf16 TFLOPS; DeepGEMM large fp8 GEMMs ~0.75 of peak
+    comm: float = 0.78  # DeepEP low-latency dispatch/combine: 39 of 50 GB/s at EP128 on H800
+    overlap: float = 0.0  # share of interconnect time hidden behind compute (0: none, see docs/cost.md)
+    overhead_s: float = 0.0  # fixed seconds per step: launches, scheduling, sampling, Python
+    source: str = "defaults (published DeepSeek kernel figures)"
+
+    def describe(self) -> str:
+        return (f"η_mem {self.memory:.3g}, η_compute {self.compute:.3g}, η_comm {self.comm:.3g}, "
+                f"overlap {self.overlap:.2g}, overhead {self.overhead_s * 1e3:.3g} ms/step [{self.source}]")
+
+    def to_dict(self) -> dict[str, float | str]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class StepWork:
+    """One device, one step. Bytes in B, FLOPs in FLOP; tokens are what the step produces (decode) or
+    computes (prefill) on this device."""
+
+    mode: str
+    tokens: float
+    weight_bytes: float
+    cache_bytes: float
+    linear_flops: float
+    attention_flops: float
+    linear_fp8: bool  # linear FLOPs run at the fp8 rate when the hardware has one
+    nvlink_bytes: float
+    network_bytes: float
+    experts_touched: float  # per MoE layer on this device
+
+
+@dataclass(slots=True)
+class StepTime:
+    work: StepWork
+    memory_s: float  # weight + cache bytes over bandwidth
+    compute_s: float  # all FLOPs over peak
+    comm_s: float
+    overhead_s: float
+    step_s: float
+
+    @property
+    def bound(self) -> str:
+        """Which term dominates the step: memory, compute, interconnect or overhead."""
+        terms = {"memory": self.memory_s, "compute": self.compute_s, "interconnect": self.comm_s,
+                 "overhead": self.overhead_s}
+        return max(terms, key=terms.__getitem__)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.work.tokens / self.step_s
+
+
+def expected_distinct_experts(n_experts: int, k: int, tokens: float) -> float:
+    """E·(1 − (1 − k/E)^N): distinct experts hit when N tokens each choose k of E uniformly."""
+    if n_experts == 0 or tokens <= 0:
+        return 0.0
+    return n_experts * (1.0 - (1.0 - k / n_experts) ** tokens)
+
+
+def _node_hit(n_experts: int, k: int, nodes: int) -> float:
+    """P(a given node holds at least one of a token's k experts), experts spread evenly over `nodes`."""
+    per_node = n_experts // nodes
+    return 1.0 - math.comb(n_experts - per_node, k) / math.comb(n_experts, k)
+
+
+def step_work(
+    cfg: ModelConfig, fmt: str, par: Parallelism, mode: str, batch: int, context: int, new_tokens: int = 1,
+    cached: int = 0, attention: str = "mha", devices_per_node: int = 8,
+) -> StepWork:
+    """Count one device's bytes, FLOPs and interconnect bytes for one step (see the module docstring).
+
+    decode: `context` = keys each sequence attends (its cache length); `new_tokens` ignored (1).
+    prefill: `new_tokens` = prompt tokens computed per sequence, `cached` = prefix already cached.
+    """
+    decode = mode == "decode"
+    q = 1 if decode else new_tokens
+    T = batch * q  # tokens per attention data-parallel rank (a TP group)
+    H_local = cfg.num_attention_heads / par.tp
+    weight_bytes = linear_flops = 0.0
+    for spec in tensor_specs(cfg):
+        if spec.expert:
+            continue
+        share = device_share(spec, cfg, par)
+        if spec.name == "model.embed_tokens":  # a gather of T rows, no FLOPs
+            weight_bytes += T * cfg.hidden_size * 2 / par.tp
+            continue
+        weight_bytes += tensor_bytes(spec, fmt) * share
+        rows = batch if spec.name == "lm_head" else T  # logits only for the sampled row of each sequence
+        linear_flops += 2 * rows * spec.numel * share
+
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    touched = 0.0
+    if moe_layers and E:
+        group_tokens = T * par.ep / par.tp  # tokens reaching one EP group of `ep` devices
+        held = math.ceil(E / par.ep)
+        touched = held * (1.0 - (1.0 - k / E) ** group_tokens)
+        weight_bytes += moe_layers * touched * expert_bytes(cfg, fmt)
+        per_expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        linear_flops += moe_layers * 2 * (group_tokens * k / par.ep) * per_expert_params
+
+    L, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    N, V = cfg.qk_nope_head_dim, cfg.v_head_dim
+    kv_tok = kv_bytes_per_token(cfg)
+    layers = cfg.num_hidden_layers
+    if decode:
+        cache_bytes = batch * (context + 1) * kv_tok  # read the context, write the new latent
+        attention_flops = layers * T * 2 * H_local * context * (2 * L + R)
+    else:
+        keys = cached + (q + 1) / 2  # average keys a causal query attends
+        cache_bytes = batch * (cached + q) * kv_tok  # read the cached prefix, write the new latents
+        if attention == "absorb":
+            attention_flops = layers * T * 2 * H_local * keys * (2 * L + R)
+        else:  # expand keys/values per head; cached prefix keys need the kv_b up-projection too
+            attention_flops = layers * (T * 2 * H_local * keys * (N + R + V)
+                                        + batch * cached * 2 * L * H_local * (N + V))
+    nvlink, network = _comm_bytes(cfg, fmt, par, decode, T, moe_layers, devices_per_node)
+    return StepWork(mode, T / par.tp, weight_bytes, cache_bytes, linear_flops, attention_flops, fmt == "fp8",
+                    nvlink, network, touched)
+
+
+def _comm_bytes(
+    cfg: ModelConfig, fmt: str, par: Parallelism, decode: bool, T: float, moe_layers: int, per_node: int
+) -> tuple[float, float]:
+    """(NVLink bytes, network bytes) one device sends per step; receiving is symmetric."""
+    D = cfg.hidden_size
+    nvlink = network = 0.0
+    if par.ep > 1 and moe_layers:
+        k, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+        per_copy = D * (1 + 4 / 128 if fmt == "fp8" else 2) + D * 2  # dispatch + bf16 combine
+        tokens = T / par.tp  # after attention each TP rank dispatches its share
+        copies = k * (1 - 1 / par.ep)
+        if par.ep <= per_node:
+            nvlink += moe_layers * tokens * copies * per_copy
+        elif decode:  # low-latency kernels: one RDMA message per remote expert
+            network += moe_layers * tokens * copies * per_copy
+        else:  # normal kernels: one RDMA copy per remote node, then NVLink forwarding inside it
+            nodes = math.ceil(par.ep / per_node)
+            network += moe_layers * tokens * (nodes - 1) * _node_hit(E, k, nodes) * per_copy
+            nvlink += moe_layers * tokens * k * (1 - 1 / per_node) * per_copy
+    if par.tp > 1:
+        reduces = cfg.num_hidden_layers * 2  # after attention and after the MLP of every layer
+        ring = reduces * 2 * (par.tp - 1) / par.tp * T * D * 2
+        if par.tp <= per_node:
+            nvlink += ring
+        else:
+            network += ring
+    return nvlink, network
+
+
+def step_time(work: StepWork, hw: Hardware, eff: Efficiency) -> StepTime:
+    bw = hw.memory_bandwidth_gb_s * 1e9 * eff.memory
+    bf16 = hw.bf16_tflops * 1e12 * eff.compute
+    linear_peak = (hw.fp8_tflops or hw.bf16_tflops) * 1e12 * eff.compute if work.linear_fp8 else bf16
+    mem_w, mem_a = work.weight_bytes / bw, work.cache_bytes / bw
+    fl_w, fl_a = work.linear_flops / linear_peak, work.attention_flops / bf16
+    combine = max if hw.overlap_memory_compute else (lambda a, b: a + b)
+    compute_side = combine(mem_w, fl_w) + combine(mem_a, fl_a)
+    comm = 0.0
+    if work.network_bytes:
+        comm = max(comm, work.network_bytes / (hw.network_gb_s * 1e9 or math.inf))
+    if work.nvlink_bytes:
+        comm = max(comm, work.nvlink_bytes / (hw.nvlink_gb_s * 1e9 or math.inf))
+    if (work.network_bytes and not hw.network_gb_s) or (work.nvlink_bytes and not hw.nvlink_gb_s):
+        comm = math.inf  # a multi-device plan on hardware without the link it needs
+    comm /= eff.comm
+    step = compute_side + comm - eff.overlap * min(compute_side, comm) + eff.overhead_s
+    return StepTime(work, mem_w + mem_a, fl_w + fl_a, comm, eff.overhead_s, step)
+
+
+def cost_per_million(tokens_per_second_per_device: float, price_per_hour: float | None) -> float | None:
+    """USD per million tokens from one device's rate and its price per hour."""
+    if price_per_hour is None or tokens_per_second_per_device <= 0:
+        return None
+    return price_per_hour / (tokens_per_second_per_device * 3600) * 1e6
