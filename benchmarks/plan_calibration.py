@@ -12,7 +12,9 @@ load it with `routed.LLM(path, dtype="bf16")` and time
 * prefill of 256 tokens at batch 1: 256 / `prefill_seconds` (one engine step: the whole prompt plus sampling).
 
 Each figure is the median of `--repeats` runs (default 3) after one warm-up; prefix caching is off so no run
-reuses another's prompt. Results go to DIR/bench_<preset>.json in the `routed bench --json` schema that
+reuses another's prompt. The machine may be shared: before each shape the script waits (up to --wait-quiet
+seconds) for the CPUs to be 90% idle, re-probes `local` hardware (cached for `routed plan --hardware local`)
+and records the idle fraction it saw. Results go to DIR/bench_<preset>.json in the `routed bench --json` schema that
 `routed plan --calibrate` reads. Then the planner is fitted on `--calibrate-on` (default small) with
 `--hardware local` (this machine, probed) and the predictions for every shape are printed next to the
 measurements as a Markdown table, with the % error.
@@ -46,13 +48,66 @@ PREFILL_LEN = 256
 DECODE_BATCHES = (1, 4)
 
 
+def cpu_idle(seconds: float = 2.0) -> float:
+    """Fraction of CPU time idle over the next `seconds`, all cores (from /proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+    return (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_quiet(limit_s: float, threshold: float = 0.9) -> float:
+    """Wait (up to limit_s) for a window with the CPUs >= threshold idle: the machine may be shared."""
+    deadline = time.monotonic() + limit_s
+    idle = cpu_idle()
+    while idle < threshold and time.monotonic() < deadline:
+        idle = cpu_idle()
+    return idle
+
+
 def _prompts(rng: random.Random, batch: int, length: int, vocab: int) -> list[list[int]]:
     # ids away from the special tokens at both ends of the DeepSeek vocabulary
     return [[rng.randrange(1000, vocab - 1000) for _ in range(length)] for _ in range(batch)]
 
 
+class ExpertCounter:
+    """Distinct routed experts each MoE layer ran, per forward call (hooks; attached only to untimed runs)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.by_tokens: dict[int, list[int]] = {}
+        self.model = model
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> ExpertCounter:
+        from routed.model.experts import RoutedExperts
+
+        def hook(_module: Any, inputs: Any, output: Any) -> None:
+            tokens = inputs[0].shape[0]
+            self.by_tokens.setdefault(tokens, []).append(int((output[1] > 0).sum()))
+
+        self.handles = [m.register_forward_hook(hook) for m in self.model.modules() if isinstance(m, RoutedExperts)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def mean(self, tokens: int) -> float | None:
+        seen = self.by_tokens.get(tokens)
+        return round(sum(seen) / len(seen), 3) if seen else None
+
+
 def measure(path: Path, repeats: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Decode (batch 1, 4) and prefill (256 tokens) rates of one checkpoint, medians of `repeats` runs."""
+    """Decode (batch 1, 4) and prefill (256 tokens) rates of one checkpoint, medians of `repeats` runs.
+
+    After the timed repeats of each kind, one more untimed run with hooks counts the distinct experts each
+    MoE layer ran per step: the random router is far from uniform, and the planner can use the measurement.
+    """
     engine = EngineConfig(max_num_seqs=16, max_num_batched_tokens=512, kv_cache_gb=0.5, enable_prefix_caching=False)
     llm = LLM(path, dtype="bf16", engine_config=engine, progress=False)
     vocab = llm.model.config.vocab_size
@@ -67,23 +122,32 @@ def measure(path: Path, repeats: int, seed: int = 0) -> list[dict[str, Any]]:
             stats = llm.generate_ids(_prompts(rng, batch, PROMPT_LEN, vocab), greedy)
             decode_tokens = stats.completion_tokens - batch  # each request's first token came from the prefill
             rates.append(decode_tokens / stats.decode_seconds)
+        with ExpertCounter(llm.model) as counter:
+            llm.generate_ids(_prompts(rng, batch, PROMPT_LEN, vocab), greedy)
         runs.append({"kind": "decode", "batch": batch, "context": PROMPT_LEN + (NEW_TOKENS - 1) // 2,
-                     "tokens_per_second": round(statistics.median(rates), 3),
+                     "tokens_per_second": round(statistics.median(rates), 3), "experts_touched": counter.mean(batch),
                      "samples": [round(r, 3) for r in rates]})
     rates = []
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     for _ in range(repeats):
         stats = llm.generate_ids(_prompts(rng, 1, PREFILL_LEN, vocab), one)
         rates.append(PREFILL_LEN / stats.prefill_seconds)
+    with ExpertCounter(llm.model) as counter:
+        llm.generate_ids(_prompts(rng, 1, PREFILL_LEN, vocab), one)
     runs.append({"kind": "prefill", "batch": 1, "prompt_len": PREFILL_LEN,
-                 "tokens_per_second": round(statistics.median(rates), 3), "samples": [round(r, 3) for r in rates]})
+                 "tokens_per_second": round(statistics.median(rates), 3),
+                 "experts_touched": counter.mean(PREFILL_LEN), "samples": [round(r, 3) for r in rates]})
     return runs
 
 
-def bench_preset(preset: str, out: Path, repeats: int, workdir: Path) -> Path:
+def bench_preset(preset: str, out: Path, repeats: int, workdir: Path, quiet_s: float) -> Path:
+    from routed.planner.hardware import local_hardware
+
     t0 = time.perf_counter()
     folder = write_random_checkpoint(preset, workdir / preset)
     written = time.perf_counter() - t0
+    idle = wait_quiet(quiet_s)
+    hw = local_hardware(remeasure=True)  # probe under the same conditions as the runs, and cache it
     runs = measure(folder, repeats)
     result = {
         "model": {"preset": preset, "config": json.loads((folder / "config.json").read_text())},
@@ -91,6 +155,8 @@ def bench_preset(preset: str, out: Path, repeats: int, workdir: Path) -> Path:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "repeats": repeats,
+        "cpu_idle_before": round(idle, 3),
+        "local_hardware": hw.to_dict(),
         "runs": runs,
     }
     file = out / f"bench_{preset}.json"
@@ -105,10 +171,14 @@ def bench_preset(preset: str, out: Path, repeats: int, workdir: Path) -> Path:
 def report(files: dict[str, Path], calibrate_on: str, hardware: str) -> str:
     """Fit on one preset's bench file, predict every preset's runs; a Markdown table."""
     from routed.planner.calibrate import calibrate, load_bench
-    from routed.planner.hardware import get_hardware
+    from routed.planner.hardware import get_hardware, local_hardware
 
-    hw = get_hardware(hardware)
-    fit = calibrate([load_bench(files[calibrate_on])], hw)
+    benches = {preset: load_bench(file) for preset, file in files.items()}
+    if hardware == "local":  # probed at the benches' thread count (re-measured just before them, and cached)
+        hw = local_hardware(threads=benches[calibrate_on].threads)
+    else:
+        hw = get_hardware(hardware)
+    fit = calibrate([benches[calibrate_on]], hw)
     lines = [
         f"Hardware `{hardware}`: {hw.describe()}",
         f"Fitted on `{calibrate_on}`: {fit.efficiency.describe()} (RMS log error {fit.rms_log_error:.3f})",
@@ -117,8 +187,8 @@ def report(files: dict[str, Path], calibrate_on: str, hardware: str) -> str:
         "|---|---|---|---|---|",
     ]
     worst = 0.0
-    for preset, file in files.items():
-        check = fit.predict(load_bench(file), hw)
+    for preset in files:
+        check = fit.predict(benches[preset], hw)
         for row in check:
             err = row.predicted / row.measured - 1
             if preset != calibrate_on:
@@ -138,7 +208,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is kept (default 3)")
     parser.add_argument("--calibrate-on", default="small", help="preset whose bench file the planner is fitted on")
     parser.add_argument("--hardware", default="local", help="planner hardware for the fit (default: local)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for the runs and the probe (default: torch's own choice)")
     parser.add_argument("--report-only", action="store_true", help="do not measure; use the files already in --out")
+    parser.add_argument("--wait-quiet", type=float, default=300.0, metavar="SECONDS",
+                        help="before each shape, wait up to this long for the CPUs to be 90%% idle (default 300)")
     args = parser.parse_args()
     if args.repeats < 3:
         parser.error("--repeats must be at least 3")
@@ -148,13 +222,15 @@ def main() -> int:
         parser.error(f"unknown preset(s) {unknown}; choose from {list(PRESETS)}")
     if args.calibrate_on not in presets:
         parser.error(f"--calibrate-on {args.calibrate_on!r} is not among --presets")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     for preset in presets:
         file = args.out / f"bench_{preset}.json"
         if not args.report_only:
             with tempfile.TemporaryDirectory(prefix=f"routed_{preset}_") as tmp:
-                file = bench_preset(preset, args.out, args.repeats, Path(tmp))
+                file = bench_preset(preset, args.out, args.repeats, Path(tmp), args.wait_quiet)
         elif not file.exists():
             parser.error(f"{file} does not exist; run without --report-only first")
         files[preset] = file

@@ -173,9 +173,10 @@ class Gate(nn.Module):
     Weights are s at the chosen experts, renormalised when norm_topk_prob, always × routed_scaling_factor.
 
     Routing telemetry: while `counting` is on, every forward adds into device buffers (no host sync) —
-    `expert_counts` [E] tokens per expert, `expert_weight` [E] summed routing weight, `group_counts` [G],
-    `route_stats` [4] = (tokens, Σ margin between the k-th and (k+1)-th biased score, Σ top-k share of the
-    score mass, non-finite router logits). `routed.telemetry` reads and resets them once per engine step.
+    `expert_counts` [E] tokens per expert, `expert_weight` [E] summed routing weight, `route_stats` [4] =
+    (tokens, Σ margin between the k-th choice and the best allowed alternative on the biased score, Σ top-k
+    share of the score mass, tokens with non-finite scores). `routed.telemetry` reads and resets them once
+    per engine step (and may rebind them to rows of one stacked buffer).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -189,10 +190,11 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        limited = cfg.topk_method != "greedy" and cfg.n_group > 1
+        self.candidates = cfg.topk_group * (E // cfg.n_group) if limited else E  # experts a token may pick
         self.counting = True
         self.register_buffer("expert_counts", torch.zeros(E, dtype=torch.long), persistent=False)
         self.register_buffer("expert_weight", torch.zeros(E, dtype=torch.float32), persistent=False)
-        self.register_buffer("group_counts", torch.zeros(self.n_group, dtype=torch.long), persistent=False)
         self.register_buffer("route_stats", torch.zeros(4, dtype=torch.float32), persistent=False)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
@@ -205,7 +207,7 @@ class Gate(nn.Module):
         return super()._apply(keep_fp32, recurse)
 
     def reset_counters(self) -> None:
-        for buf in (self.expert_counts, self.expert_weight, self.group_counts, self.route_stats):
+        for buf in (self.expert_counts, self.expert_weight, self.route_stats):
             buf.zero_()
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -224,28 +226,28 @@ class Gate(nn.Module):
             keep = group_scores.topk(self.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             masked = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(N, E)
-        topk_ids = masked.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, topk_ids)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        E, K = scores.shape[1], self.top_k
+        top = masked.topk(min(K + 1, self.candidates), dim=-1)  # one extra for the gate margin (telemetry)
+        topk_ids = top.indices[:, :K]
+        raw = scores.gather(1, topk_ids)
+        weights = raw / (raw.sum(dim=-1, keepdim=True) + 1e-20) if self.norm_topk_prob else raw
         weights = weights * self.scaling
         if self.counting:
-            self._count(logits_NE, scores, choice, topk_ids, weights)
+            self._count(scores, top.values, topk_ids, raw, weights)
         return topk_ids, weights, logits_NE
 
     @torch.no_grad()
-    def _count(self, logits_NE: torch.Tensor, scores_NE: torch.Tensor, choice_NE: torch.Tensor,
-               topk_ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> None:
-        E, K = scores_NE.shape[1], self.top_k
+    def _count(self, scores_NE: torch.Tensor, top_NK1: torch.Tensor, topk_ids_NK: torch.Tensor,
+               raw_NK: torch.Tensor, weights_NK: torch.Tensor) -> None:
+        """A handful of small in-place ops, one reduction: counts, weights, margin, mass, non-finite tokens."""
         flat = topk_ids_NK.flatten()
-        self.expert_counts += torch.bincount(flat, minlength=E)
+        self.expert_counts.index_add_(0, flat, torch.ones_like(flat))
         self.expert_weight.index_add_(0, flat, weights_NK.flatten())
-        self.group_counts += torch.bincount(flat // (E // self.n_group), minlength=self.n_group)
-        top = choice_NE.topk(min(K + 1, E), dim=-1).values
-        margin = (top[:, K - 1] - top[:, K]).sum() if K < E else top.new_zeros(())
-        mass = (scores_NE.gather(1, topk_ids_NK).sum(-1) / scores_NE.sum(-1)).sum()
-        nonfinite = (~torch.isfinite(logits_NE)).sum()
-        self.route_stats += torch.stack([top.new_tensor(float(scores_NE.shape[0])), margin, mass, nonfinite.float()])
+        K = topk_ids_NK.shape[1]
+        mass_N = raw_NK.sum(-1) / scores_NE.sum(-1)  # NaN for a token whose scores are not finite
+        margin_N = top_NK1[:, K - 1] - top_NK1[:, K] if top_NK1.shape[1] > K else torch.zeros_like(mass_N)
+        per_token = torch.stack([torch.ones_like(mass_N), margin_N, mass_N, mass_N.isnan().float()], dim=1)
+        self.route_stats += per_token.nansum(0)
 
 
 class MoE(nn.Module):

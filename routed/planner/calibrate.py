@@ -8,12 +8,14 @@ Bench file schema (one JSON object; extra fields are ignored):
 
 A decode run's rate counts generated tokens over decode time at `batch` sequences attending `context` cached
 tokens; a prefill run's counts prompt tokens over the prefill step of `batch` prompts of `prompt_len`.
-The runs are routed's own: one device, bf16 weights, absorbed attention in prefill and decode.
+The runs are routed's own: one device, bf16 weights, absorbed attention in prefill and decode. A run may
+carry `experts_touched` (distinct experts per MoE layer per step, measured); the planner then reads that
+many experts instead of the uniform-routing expectation — random checkpoints route far from uniformly.
 
 What is fitted, by least squares on log(predicted / measured) over every run of every file given:
 η_mem (memory bandwidth efficiency; decode runs pin it), η_compute (compute efficiency; prefill runs pin
-it) and a fixed per-step overhead in seconds. The overhead is kept only when it cuts the RMS log error by
-at least 10% against the fit without it — otherwise it is 0 and says so. Interconnect efficiency and
+it) and a fixed per-step overhead in seconds. The overhead is kept only when the fit without it is off by
+more than 1% RMS and the overhead cuts that error by at least 10% — otherwise it is 0 and says so. Interconnect efficiency and
 overlap are not fitted (single-device benches cannot see them) and keep their defaults. The minimiser is
 Nelder-Mead on the logs of the factors, from a few starting points.
 """
@@ -33,6 +35,7 @@ from routed.planner.memory import Parallelism
 from routed.planner.roofline import Efficiency, StepWork, step_time, step_work
 
 OVERHEAD_GAIN = 0.9  # keep the overhead term only if it brings the RMS log error below 90% of the fit without
+OVERHEAD_NEEDED = 0.01  # ... and only if the fit without it is off by more than 1% RMS
 
 
 @dataclass(slots=True, frozen=True)
@@ -42,6 +45,7 @@ class BenchRun:
     tokens_per_second: float
     context: int = 0  # decode: cached tokens each sequence attends
     prompt_len: int = 0  # prefill: prompt tokens per sequence
+    experts_touched: float | None = None  # measured distinct experts per MoE layer per step, if recorded
 
     @property
     def label(self) -> str:
@@ -103,8 +107,12 @@ def bench_from_dict(raw: Any, source: str = "<bench>") -> Bench:
             v = r.get(key)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise RoutedError(f"{where}: `{key}` must be a positive number, got {v!r}")
+        touched = r.get("experts_touched")
+        if touched is not None and (not isinstance(touched, (int, float)) or touched < 0):
+            raise RoutedError(f"{where}: `experts_touched` must be a non-negative number, got {touched!r}")
         runs.append(BenchRun(r["kind"], int(r["batch"]), float(r["tokens_per_second"]),
-                             int(r.get("context", 0)), int(r.get("prompt_len", 0))))
+                             int(r.get("context", 0)), int(r.get("prompt_len", 0)),
+                             None if touched is None else float(touched)))
     name = raw["model"].get("preset") or Path(source).stem
     return Bench(str(name), cfg, "bf16", raw.get("threads"), tuple(runs))
 
@@ -112,9 +120,10 @@ def bench_from_dict(raw: Any, source: str = "<bench>") -> Bench:
 def run_work(cfg: ModelConfig, run: BenchRun) -> StepWork:
     """What routed does for one bench run: one device, bf16 weights, absorbed attention."""
     if run.kind == "decode":
-        return step_work(cfg, "bf16", Parallelism(), "decode", run.batch, run.context)
+        return step_work(cfg, "bf16", Parallelism(), "decode", run.batch, run.context,
+                         experts_touched=run.experts_touched)
     return step_work(cfg, "bf16", Parallelism(), "prefill", run.batch, 0, new_tokens=run.prompt_len,
-                     attention="absorb")
+                     attention="absorb", experts_touched=run.experts_touched)
 
 
 def predict(benches: Sequence[Bench], hw: Hardware, eff: Efficiency) -> list[PredictionRow]:
@@ -167,7 +176,7 @@ def calibrate(benches: Sequence[Bench], hw: Hardware, base: Efficiency | None = 
                   for o in (1e-3, 1e-2)]
         best = min((nelder_mead(lambda x: loss(x, with_overhead), s) for s in starts), key=lambda r: r[1])
         fits[with_overhead] = (best[0], math.sqrt(best[1] / len(pairs)))
-    use_overhead = fits[True][1] < OVERHEAD_GAIN * fits[False][1]
+    use_overhead = fits[False][1] > OVERHEAD_NEEDED and fits[True][1] < OVERHEAD_GAIN * fits[False][1]
     x, rms = fits[use_overhead]
     names = ", ".join(b.name for b in benches)
     eff = replace(efficiency(x, use_overhead), source=f"calibrated on {names} ({hw.name})")

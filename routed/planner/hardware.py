@@ -13,9 +13,9 @@ JSON file holding one object with these fields (units per device; bandwidths one
      "overlap_memory_compute": true}  # optional, default true: step terms combine as max (GPU), else add (CPU)
 
 `local` (combining memory and compute time by addition, see roofline.py) is measured on first use — a memory-bandwidth probe (copy of a 256 MiB tensor: bytes read + written
-over the time) and a bf16 matmul probe (2048³) at torch's current thread count — and cached in
-`~/.cache/routed/local_hardware.json`; the cache is re-measured when the thread count, CPU or torch version
-differ. Dense TFLOPs are without 2:4 sparsity. GB = 1e9 bytes.
+over the time) and a bf16 matmul probe (2048³) at torch's current thread count (or the thread count of the
+bench files being calibrated on) — and cached per thread count in `~/.cache/routed/local_hardware.json`;
+an entry is re-measured when the CPU or the torch version differ. Dense TFLOPs are without 2:4 sparsity. GB = 1e9 bytes.
 """
 
 from __future__ import annotations
@@ -174,26 +174,38 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _fingerprint() -> dict[str, Any]:
+def _fingerprint(threads: int) -> dict[str, Any]:
     import torch
 
-    return {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"cpu": _cpu_name(), "threads": threads, "torch": torch.__version__}
 
 
-def local_hardware(path: Path | None = None, remeasure: bool = False) -> Hardware:
-    """This machine, from the cache when its fingerprint still matches, else probed (about a second)."""
+def local_hardware(path: Path | None = None, remeasure: bool = False, threads: int | None = None) -> Hardware:
+    """This machine at `threads` torch threads (default: the current count), from the cache when its
+    fingerprint still matches, else probed (about a second). The cache keeps one entry per thread count."""
+    import torch
+
     path = path or cache_path()
-    fp = _fingerprint()
-    if path.is_file() and not remeasure:
+    threads = threads or torch.get_num_threads()
+    fp = _fingerprint(threads)
+    entries: dict[str, Any] = {}
+    if path.is_file():
         try:
-            cached = json.loads(path.read_text())
-            if cached.get("fingerprint") == fp:
+            entries = dict(json.loads(path.read_text()).get("entries", {}))
+            cached = entries.get(str(threads))
+            if cached and cached.get("fingerprint") == fp and not remeasure:
                 return hardware_from_dict(cached["hardware"], str(path))
-        except (json.JSONDecodeError, KeyError, TypeError, RoutedError):
-            pass  # a stale or damaged cache is simply measured again
-    hw = probe_local()
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RoutedError):
+            entries = {}  # a stale or damaged cache is simply measured again
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        hw = probe_local()
+    finally:
+        torch.set_num_threads(before)
+    entries[str(threads)] = {"fingerprint": fp, "hardware": hw.to_dict()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"fingerprint": fp, "hardware": hw.to_dict()}, indent=2) + "\n")
+    path.write_text(json.dumps({"entries": entries}, indent=2) + "\n")
     return hw
 
 

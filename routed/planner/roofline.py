@@ -122,12 +122,14 @@ def _node_hit(n_experts: int, k: int, nodes: int) -> float:
 
 def step_work(
     cfg: ModelConfig, fmt: str, par: Parallelism, mode: str, batch: int, context: int, new_tokens: int = 1,
-    cached: int = 0, attention: str = "mha", devices_per_node: int = 8,
+    cached: int = 0, attention: str = "mha", devices_per_node: int = 8, experts_touched: float | None = None,
 ) -> StepWork:
     """Count one device's bytes, FLOPs and interconnect bytes for one step (see the module docstring).
 
     decode: `context` = keys each sequence attends (its cache length); `new_tokens` ignored (1).
     prefill: `new_tokens` = prompt tokens computed per sequence, `cached` = prefix already cached.
+    experts_touched: distinct experts read per MoE layer per step on this device, when measured (a bench of
+    a random checkpoint, whose router is far from uniform); default: the uniform-routing expectation.
     """
     decode = mode == "decode"
     q = 1 if decode else new_tokens
@@ -151,7 +153,7 @@ def step_work(
     if moe_layers and E:
         group_tokens = T * par.ep / par.tp  # tokens reaching one EP group of `ep` devices
         held = math.ceil(E / par.ep)
-        touched = held * (1.0 - (1.0 - k / E) ** group_tokens)
+        touched = held * (1.0 - (1.0 - k / E) ** group_tokens) if experts_touched is None else experts_touched
         weight_bytes += moe_layers * touched * expert_bytes(cfg, fmt)
         per_expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
         linear_flops += moe_layers * 2 * (group_tokens * k / par.ep) * per_expert_params

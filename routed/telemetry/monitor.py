@@ -6,6 +6,10 @@ once when it appears. With a recording path, the counts since the last record ar
 `record_every_tokens` tokens and written as safetensors (`counts` [T, L, E], `tokens` [T], `time` [T],
 `layers` [L]) — for offline analysis (`routed stats --recording`) and expert placement.
 
+The monitor rebinds the routers' counter buffers to rows of its own stacked buffers, so one copy reads all
+layers; the monitor attached last to a model owns its counters. Alerts are re-evaluated every
+window_tokens/16 tokens (and on `alerts()`-relevant changes such as `set_baseline`).
+
 Thread-safety: the engine thread calls `collect`; server threads read `snapshot`/`alerts` under the lock.
 """
 
@@ -71,20 +75,30 @@ class RoutingMonitor:
         self._lock = threading.Lock()
         self._records: list[tuple[float, Counts]] = []
         self.baseline_LE: torch.Tensor | None = None
+        self.check_every = max(1, window_tokens // 16)  # alerts are about windows: re-check every ~1/16 of one
+        self._bind()
         self.reset()
 
     # ---- collection (engine thread) ----------------------------------------------------------------
+    def _bind(self) -> None:
+        """Point every router's counters at rows of three stacked buffers: one read and one reset per step."""
+        L, E, _ = self.shape
+        device = self.gates[0][1].weight.device if self.gates else "cpu"
+        self._counts_LE = torch.zeros(L, E, dtype=torch.long, device=device)
+        self._weight_LE = torch.zeros(L, E, dtype=torch.float32, device=device)
+        self._stats_L4 = torch.zeros(L, 4, dtype=torch.float32, device=device)
+        for i, (_, gate) in enumerate(self.gates):
+            gate.expert_counts, gate.expert_weight, gate.route_stats = (
+                self._counts_LE[i], self._weight_LE[i], self._stats_L4[i])
+
     def read_step(self) -> Counts:
-        """Read and zero every router's counters: one copy per buffer kind, no per-layer host sync."""
-        if not self.gates:
-            return Counts.zeros(*self.shape)
-        gates = [g for _, g in self.gates]
-        step = Counts(torch.stack([g.expert_counts for g in gates]).cpu(),
-                      torch.stack([g.expert_weight for g in gates]).double().cpu(),
-                      torch.stack([g.group_counts for g in gates]).cpu(),
-                      torch.stack([g.route_stats for g in gates]).double().cpu())
-        for g in gates:
-            g.reset_counters()
+        """Read and zero the counters of every router: three copies, no per-layer host sync."""
+        L, E, G = self.shape
+        counts_LE = self._counts_LE.cpu().clone()
+        step = Counts(counts_LE, self._weight_LE.double().cpu(), counts_LE.view(L, G, E // G).sum(-1),
+                      self._stats_L4.double().cpu())
+        for buf in (self._counts_LE, self._weight_LE, self._stats_L4):
+            buf.zero_()
         return step
 
     def collect(self) -> None:
@@ -101,6 +115,10 @@ class RoutingMonitor:
             if self.record_path and self._since_record.tokens >= self.record_every:
                 self._records.append((time.time(), self._since_record))
                 self._since_record = Counts.zeros(*self.shape)
+            self._unchecked += step.tokens
+            if self._unchecked < self.check_every:
+                return
+            self._unchecked = 0
             before = {(a.kind, a.layer) for a in self._alerts}
             self._alerts = self._evaluate()
         for alert in self._alerts:
@@ -118,6 +136,7 @@ class RoutingMonitor:
             self._since_record = Counts.zeros(*self.shape)
             self._steps: deque[Counts] = deque()
             self._alerts: list[Alert] = []
+            self._unchecked = 0
 
     def set_baseline(self, counts: Counts | None = None) -> None:
         """Record the reference load profile drift is measured against (default: the cumulative counts)."""
@@ -128,6 +147,8 @@ class RoutingMonitor:
     # ---- reading (any thread) ----------------------------------------------------------------------
     def alerts(self) -> list[Alert]:
         with self._lock:
+            if self._unchecked:
+                self._alerts, self._unchecked = self._evaluate(), 0
             return self.static_alerts + list(self._alerts)
 
     def measures(self, which: str = "window") -> list[LayerMeasures]:

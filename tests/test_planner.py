@@ -1,0 +1,331 @@
+"""routed.planner: exact memory from configs, the roofline, calibration, the DeepSeek check and `routed plan`.
+
+Everything here is arithmetic on configs or on small synthetic bench files; nothing measures routed itself
+(benchmarks/plan_calibration.py does that) and nothing writes a large checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from math import prod
+from pathlib import Path
+
+import pytest
+
+from routed.config import ModelConfig
+from routed.errors import RoutedError
+from routed.planner.calibrate import bench_from_dict, calibrate, load_bench, run_work
+from routed.planner.cli import add_parser
+from routed.planner.hardware import HARDWARE_PRESETS, Hardware, get_hardware, hardware_from_dict, local_hardware
+from routed.planner.memory import (
+    Parallelism,
+    TensorSpec,
+    expert_bytes,
+    kv_bytes_per_token,
+    memory_fit,
+    tensor_bytes,
+    weight_breakdown,
+)
+from routed.planner.models import MODEL_PRESETS, preset_config
+from routed.planner.reference import PUBLISHED, deepseek_check
+from routed.planner.roofline import Efficiency, expected_distinct_experts, step_time, step_work
+from routed.presets import PRESETS, expected_tensors
+
+SYNTHETIC_HW = Hardware("synthetic", memory_gb=64, memory_bandwidth_gb_s=40.0, bf16_tflops=0.5,
+                        devices_per_node=1, overlap_memory_compute=False)
+
+
+# ---- memory ----------------------------------------------------------------------------------------------
+def test_v3_latent_cache_is_70272_bytes_per_token() -> None:
+    assert kv_bytes_per_token(preset_config("deepseek-v3")) == 70_272
+
+
+def test_v3_parameter_counts_match_the_spec() -> None:
+    wb = weight_breakdown(preset_config("deepseek-v3"), "bf16", with_mtp=True)
+    main = wb.total_params - wb.params["mtp"]
+    assert abs(main / 671.03e9 - 1) < 1e-3  # spec §1.2: 671.03 B main model
+    assert abs(wb.params["mtp"] / 11.61e9 - 1) < 1e-3  # spec §1.2: 11.61 B MTP unique
+    assert wb.params["routed_experts"] == 58 * 256 * 3 * 7168 * 2048
+
+
+@pytest.mark.parametrize("name, total_b", [("deepseek-v2-lite", 15.7), ("moonlight", 16.0), ("kimi-k2", 1026.4)])
+def test_variant_parameter_counts_match_the_spec_table(name: str, total_b: float) -> None:
+    assert abs(weight_breakdown(preset_config(name)).total_params / (total_b * 1e9) - 1) < 5e-3  # §7.3, 0.1B rounding
+
+
+def test_small_weight_bytes_equal_what_write_random_checkpoint_writes() -> None:
+    cfg = ModelConfig.from_dict(PRESETS["small"])
+    shapes = expected_tensors(cfg, with_mtp=False)
+    # write_random_checkpoint stores every tensor in bf16 except the fp32 router correction bias
+    written = sum(prod(s) * (4 if n.endswith("e_score_correction_bias") else 2) for n, s in shapes.items())
+    wb = weight_breakdown(cfg, "bf16")
+    assert wb.total_bytes == written
+    assert wb.total_params == sum(prod(s) for s in shapes.values())
+
+
+def test_quantised_formats_count_their_scales() -> None:
+    kv_a = TensorSpec("kv_a_proj_with_mqa", "attention", 576, 7168, linear=True)
+    assert tensor_bytes(kv_a, "bf16") == 576 * 7168 * 2
+    assert tensor_bytes(kv_a, "fp8") == 576 * 7168 + 5 * 56 * 4  # ceil-div grid [5, 56] of fp32 (spec §6.1)
+    assert tensor_bytes(kv_a, "int8") == 576 * 7168 + 576 * 4
+    assert tensor_bytes(kv_a, "int4") == 576 * 7168 // 2 + 576 * (7168 // 32) * 2
+    norm = TensorSpec("norm", "norms_router", 7168)
+    assert {tensor_bytes(norm, f) for f in ("bf16", "fp8", "int8", "int4")} == {7168 * 2}
+    with pytest.raises(RoutedError, match="weight format"):
+        tensor_bytes(kv_a, "fp4")
+
+
+def test_fp8_keeps_embedding_head_and_router_in_bf16() -> None:
+    cfg = preset_config("deepseek-v3")
+    bf16, fp8 = weight_breakdown(cfg, "bf16"), weight_breakdown(cfg, "fp8")
+    assert fp8.bytes["embed_head"] == bf16.bytes["embed_head"] == 2 * 129280 * 7168 * 2
+    assert fp8.bytes["norms_router"] == bf16.bytes["norms_router"]
+    expert = 2 * 2048 * 7168 + 7168 * 2048 + (2 * 16 * 56 + 56 * 16) * 4
+    assert expert_bytes(cfg, "fp8") == expert
+    assert fp8.bytes["routed_experts"] == 58 * 256 * expert
+
+
+def test_per_device_bytes_under_tp_and_ep() -> None:
+    cfg = preset_config("deepseek-v3")
+    one = weight_breakdown(cfg, "fp8")
+    ep = weight_breakdown(cfg, "fp8", Parallelism(144, 1, 144))
+    assert ep.device_bytes["routed_experts"] == 58 * 2 * expert_bytes(cfg, "fp8")  # ceil(256/144) = 2 slots
+    assert ep.device_bytes["attention"] == one.bytes["attention"]  # DP attention: replicated
+    tp = weight_breakdown(cfg, "fp8", Parallelism(8, 8, 8))
+    assert tp.device_bytes["routed_experts"] == one.bytes["routed_experts"] / 8
+    assert tp.device_bytes["embed_head"] == one.bytes["embed_head"] / 8
+    assert one.bytes["attention"] / 8 < tp.device_bytes["attention"] < one.bytes["attention"]  # q_a, kv_a replicated
+
+
+def test_parallelism_that_does_not_divide_is_refused() -> None:
+    cfg = preset_config("deepseek-v3")
+    with pytest.raises(RoutedError, match="--tp 3 does not divide --gpus 8"):
+        Parallelism(8, 3, 8).check(cfg)
+    with pytest.raises(RoutedError, match="--ep 3 does not divide"):
+        Parallelism(8, 1, 3).check(cfg)
+    with pytest.raises(RoutedError, match="attention heads"):
+        Parallelism(256, 256, 256).check(cfg)
+    with pytest.raises(RoutedError, match="more than the model's 256 routed experts"):
+        Parallelism(512, 1, 512).check(cfg)
+
+
+def test_memory_fit_counts_cache_tokens_beside_the_weights() -> None:
+    fit = memory_fit(24e9, 80e9, 70_272, 0.9)
+    assert fit.kv_tokens == int((72e9 - 24e9) // 70_272)
+    assert fit.max_batch(4989) == fit.kv_tokens // 4989
+    with pytest.raises(RoutedError, match="weights need 673.2 GB"):
+        memory_fit(673.2e9, 80e9, 70_272, 0.9)
+
+
+# ---- roofline --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("E, k, N", [(256, 8, 1), (256, 8, 16), (64, 6, 4), (64, 6, 40), (16, 4, 3)])
+def test_expected_distinct_experts_matches_monte_carlo(E: int, k: int, N: int) -> None:
+    rng, trials = random.Random(0), 3000
+    mc = sum(len({e for _ in range(N) for e in rng.sample(range(E), k)}) for _ in range(trials)) / trials
+    assert expected_distinct_experts(E, k, N) == pytest.approx(mc, rel=0.01)
+    assert expected_distinct_experts(E, k, 1) == k
+
+
+def test_decode_bytes_at_batch_one_are_the_active_weights() -> None:
+    cfg = ModelConfig.from_dict(PRESETS["small"])
+    wb = weight_breakdown(cfg, "bf16")
+    w = step_work(cfg, "bf16", Parallelism(), "decode", batch=1, context=100)
+    moe_layers, E, k = 7, 64, 6
+    embed = cfg.vocab_size * cfg.hidden_size * 2
+    expected = (wb.total_bytes - embed + cfg.hidden_size * 2
+                - moe_layers * (E - k) * expert_bytes(cfg, "bf16"))  # one embedding row, k experts per layer
+    assert w.weight_bytes == pytest.approx(expected, rel=1e-12)
+    assert w.cache_bytes == 101 * kv_bytes_per_token(cfg)
+    assert w.experts_touched == pytest.approx(k)
+
+
+def test_regimes_decode_memory_bound_prefill_compute_bound() -> None:
+    cfg, hw = ModelConfig.from_dict(PRESETS["small"]), HARDWARE_PRESETS["h100"]
+    decode = step_time(step_work(cfg, "bf16", Parallelism(), "decode", 1, 512), hw, Efficiency())
+    prefill = step_time(step_work(cfg, "bf16", Parallelism(), "prefill", 4, 0, new_tokens=4096), hw, Efficiency())
+    assert decode.bound == "memory" and prefill.bound == "compute"
+    assert decode.step_s == pytest.approx(decode.memory_s)  # roofline: max, and memory dominates both groups
+
+
+def test_decode_expert_parallel_sends_k_copies_per_token() -> None:
+    cfg = preset_config("deepseek-v3")
+    w = step_work(cfg, "fp8", Parallelism(144, 1, 144), "decode", 128, 4989)
+    per_layer = 128 * 8 * (1 - 1 / 144) * 7168 * (1 + 4 / 128 + 2)  # fp8 dispatch + bf16 combine
+    assert w.network_bytes == pytest.approx(58 * per_layer)
+    assert w.nvlink_bytes == 0
+
+
+# ---- calibration -----------------------------------------------------------------------------------------
+def _synthetic_bench(config: dict, hw: Hardware, eff: Efficiency) -> dict:
+    """A bench file whose rates the model itself produced with known factors."""
+    runs = [{"kind": "decode", "batch": b, "context": 80} for b in (1, 4, 16)]
+    runs += [{"kind": "prefill", "batch": 1, "prompt_len": p} for p in (256, 512)]
+    cfg = ModelConfig.from_dict(config)
+    bench = bench_from_dict({"model": {"config": config}, "runs": [{**r, "tokens_per_second": 1.0} for r in runs]})
+    for r, run in zip(runs, bench.runs):
+        r["tokens_per_second"] = step_time(run_work(cfg, run), hw, eff).tokens_per_second
+    return {"model": {"config": config}, "dtype": "bf16", "threads": 2, "runs": runs}
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_calibration_recovers_known_factors(overlap: bool) -> None:
+    hw = Hardware("synthetic", 64, 40.0, 0.5, devices_per_node=1, overlap_memory_compute=overlap)
+    truth = Efficiency(memory=0.37, compute=0.21, overhead_s=0.004)
+    bench = bench_from_dict(_synthetic_bench(PRESETS["small"], hw, truth))
+    fit = calibrate([bench], hw)
+    assert fit.overhead_fitted
+    assert fit.efficiency.memory == pytest.approx(0.37, rel=1e-3)
+    assert fit.efficiency.compute == pytest.approx(0.21, rel=1e-3)
+    assert fit.efficiency.overhead_s == pytest.approx(0.004, rel=1e-3)
+    assert fit.rms_log_error < 1e-4
+    assert all(abs(r.error) < 1e-3 for r in fit.rows)
+
+
+def test_calibration_leaves_out_an_overhead_it_does_not_need(tmp_path: Path) -> None:
+    truth = Efficiency(memory=0.5, compute=0.3)
+    file = tmp_path / "bench.json"
+    file.write_text(json.dumps(_synthetic_bench(PRESETS["tiny"], SYNTHETIC_HW, truth)))
+    fit = calibrate([load_bench(file)], SYNTHETIC_HW)
+    assert not fit.overhead_fitted and fit.efficiency.overhead_s == 0
+    assert fit.efficiency.memory == pytest.approx(0.5, rel=1e-3)
+    assert fit.efficiency.compute == pytest.approx(0.3, rel=1e-3)
+
+
+def test_bad_bench_files_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(RoutedError, match="no such bench file"):
+        load_bench(tmp_path / "missing.json")
+    with pytest.raises(RoutedError, match="`kind` must be decode or prefill"):
+        bench_from_dict({"model": {"config": PRESETS["tiny"]}, "runs": [{"kind": "train"}]})
+    with pytest.raises(RoutedError, match="`context` must be a positive number"):
+        bench_from_dict({"model": {"config": PRESETS["tiny"]},
+                         "runs": [{"kind": "decode", "batch": 1, "tokens_per_second": 3.0}]})
+
+
+# ---- DeepSeek's published deployment ---------------------------------------------------------------------
+def test_deepseek_per_node_figures_within_2x_of_published() -> None:
+    check = deepseek_check()
+    decode_ratio = check.decode_per_node / PUBLISHED["decode_output_tokens_per_s_per_node"]
+    prefill_ratio = check.prefill_per_node_with_hits / PUBLISHED["prefill_input_tokens_per_s_per_node"]
+    assert 0.5 <= decode_ratio <= 2.0, decode_ratio
+    assert 0.5 <= prefill_ratio <= 2.0, prefill_ratio
+    assert PUBLISHED["nodes"] * 8 * PUBLISHED["usd_per_gpu_hour"] * 24 == PUBLISHED["usd_per_day"]
+    cost = check.to_dict()["cost"]
+    assert cost["published_usd_per_million_output"] == pytest.approx(0.3003, rel=1e-3)  # $16/node-h at 14.8k/s
+
+
+# ---- hardware --------------------------------------------------------------------------------------------
+def test_hardware_presets_carry_sources_and_prices() -> None:
+    for name in ("h800", "h100", "h200", "a100", "b200"):
+        hw = get_hardware(name)
+        assert hw.sources and hw.price_per_hour and hw.price_source, name
+    assert get_hardware("H800").price_per_hour == 2.0
+    with pytest.raises(RoutedError, match="unknown hardware 'tpu9'"):
+        get_hardware("tpu9")
+
+
+def test_hardware_file_format(tmp_path: Path) -> None:
+    file = tmp_path / "mine.json"
+    file.write_text(json.dumps({"name": "mine", "memory_gb": 48, "memory_bandwidth_gb_s": 960, "bf16_tflops": 181,
+                                "price_per_hour": 0.99}))
+    hw = get_hardware(str(file))
+    assert (hw.name, hw.memory_gb, hw.fp8_tflops, hw.price_per_hour) == ("mine", 48, None, 0.99)
+    with pytest.raises(RoutedError, match="missing field"):
+        hardware_from_dict({"memory_gb": 1})
+    with pytest.raises(RoutedError, match="unknown field"):
+        hardware_from_dict({"memory_gb": 1, "memory_bandwidth_gb_s": 1, "bf16_tflops": 1, "hbm": 3})
+
+
+def test_local_hardware_is_probed_once_then_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import routed.planner.hardware as hardware
+
+    calls: list[int] = []
+
+    def fake_probe() -> Hardware:
+        calls.append(1)
+        return Hardware("local (fake)", 16, 20.0, 0.2, devices_per_node=1, overlap_memory_compute=False)
+
+    monkeypatch.setattr(hardware, "probe_local", fake_probe)
+    cache = tmp_path / "local_hardware.json"
+    first, second = local_hardware(cache), local_hardware(cache)
+    assert len(calls) == 1 and first == second and not second.overlap_memory_compute
+    local_hardware(cache, threads=1)
+    local_hardware(cache, threads=1)
+    assert len(calls) == 2  # one probe per thread count
+    raw = json.loads(cache.read_text())
+    raw["entries"]["1"]["fingerprint"]["torch"] = "0.0"  # another torch: measure again
+    cache.write_text(json.dumps(raw))
+    local_hardware(cache, threads=1)
+    assert len(calls) == 3
+
+
+def test_local_probe_measures_positive_figures() -> None:
+    from routed.planner.hardware import probe_local
+
+    hw = probe_local(copy_mib=8, matmul_n=256, repeats=2)
+    assert hw.memory_bandwidth_gb_s > 0 and hw.bf16_tflops > 0 and hw.memory_gb > 0
+
+
+# ---- the command -----------------------------------------------------------------------------------------
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["plan", *argv])
+    return args.func(args)
+
+
+def test_plan_json_parses(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--preset", "deepseek-v3", "--hardware", "h800", "--gpus", "144", "--ep", "144", "--context", "4989",
+            "--batch", "128", "--json"]
+    assert _run(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["memory"]["kv_bytes_per_token"] == 70_272
+    assert out["weights"]["format"] == "fp8"
+    assert out["parallelism"] == {"gpus": 144, "tp": 1, "ep": 144, "dp": 144, "nodes": 18}
+    assert out["decode"]["bound"] == "interconnect"
+    assert out["cost"]["usd_per_million_output_tokens"] == pytest.approx(
+        2.0 / (out["decode"]["tokens_per_second_per_device"] * 3600) * 1e6)
+    assert out["efficiency"]["memory"] == Efficiency().memory
+
+
+def test_plan_errors_are_routed_errors(tmp_path: Path) -> None:
+    with pytest.raises(RoutedError, match="unknown model preset 'deepseek-v9'"):
+        _run(["--preset", "deepseek-v9", "--hardware", "h800"])
+    with pytest.raises(RoutedError, match="unknown hardware"):
+        _run(["--preset", "small", "--hardware", "h900"])
+    with pytest.raises(RoutedError, match="weights need"):
+        _run(["--preset", "deepseek-v3", "--hardware", "h100"])
+    with pytest.raises(RoutedError, match="sequences fit beside the weights"):
+        _run(["--preset", "deepseek-v3", "--hardware", "h800", "--gpus", "144", "--context", "4989", "--batch", "500"])
+    with pytest.raises(RoutedError, match="does not divide"):
+        _run(["--preset", "deepseek-v3", "--hardware", "h800", "--gpus", "16", "--tp", "3"])
+    with pytest.raises(RoutedError, match="max_position_embeddings"):
+        _run(["--preset", "moonlight", "--hardware", "h100", "--context", "9000"])
+
+
+def test_plan_with_calibration_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    truth = Efficiency(memory=0.4, compute=0.25, overhead_s=0.003)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(_synthetic_bench(PRESETS["small"], SYNTHETIC_HW, truth)))
+    hw_file = tmp_path / "synthetic.json"
+    hw_file.write_text(json.dumps({"name": "synthetic", "memory_gb": 64, "memory_bandwidth_gb_s": 40.0,
+                                   "bf16_tflops": 0.5, "devices_per_node": 1, "overlap_memory_compute": False}))
+    png = tmp_path / "plan.png"
+    argv = ["--preset", "small", "--hardware", str(hw_file), "--context", "1024", "--calibrate", str(bench),
+            "--price-per-hour", "0.5", "--plot", str(png), "--json"]
+    assert _run(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["efficiency"]["memory"] == pytest.approx(0.4, rel=1e-3)
+    assert out["calibration"]["overhead_fitted"] is True
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _run(argv[:-1]) == 0  # the rich tables render too
+    assert "Calibration" in capsys.readouterr().out
+
+
+def test_every_model_preset_parses_and_plans() -> None:
+    for name in MODEL_PRESETS:
+        cfg = preset_config(name)
+        assert math.isfinite(step_time(step_work(cfg, "bf16", Parallelism(), "decode", 1, 128),
+                                       HARDWARE_PRESETS["b200"], Efficiency()).step_s)
