@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from routed.errors import RoutedError
 
@@ -189,6 +190,40 @@ def cmd_compare_routing(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from routed.loader import load_model, write_checkpoint
+    from routed.quant.intq import IntFormat
+    from routed.quant.linear import quantize_model
+    from routed.telemetry.compare import compare_routing
+
+    fmt = IntFormat(8 if args.to == "int8" else 4, args.group_size)
+    model = load_model(args.model, "bf16", progress=not args.json)
+    quantize_model(model, fmt)
+    out = write_checkpoint(model, args.model, args.out, {"quantization_config": fmt.as_config(),
+                                                         "torch_dtype": "bfloat16"})
+    del model
+    report: dict[str, Any] = {"out": str(out), "format": args.to, "group_size": args.group_size}
+    if args.check_tokens:
+        import json as _json
+
+        sample = Path(_json.__file__).with_name("decoder.py").read_text()  # stdlib text: on every machine
+        from routed.tokenizer import Tokenizer
+
+        ids = Tokenizer.from_pretrained(args.model).encode(sample)[: args.check_tokens]
+        result = compare_routing(load_model(out, progress=False), load_model(args.model, "bf16", progress=False), ids)
+        report["quality"] = result.as_dict()
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"wrote {args.to} checkpoint to {out}")
+        if "quality" in report:
+            q = report["quality"]
+            print(f"quality on {q['tokens']} tokens of stdlib json/decoder.py: mean KL vs bf16 {q['kl']:.5f} nats; "
+                  "identical top-k expert sets per layer: "
+                  + ", ".join(f"L{layer} {x:.1%}" for layer, x in zip(q["layers"], q["identical"])))
+    return 0
+
+
 def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     from routed.presets import write_random_checkpoint
 
@@ -290,6 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     cr.add_argument("--json", action="store_true")
     cr.set_defaults(func=cmd_compare_routing)
+
+    q = sub.add_parser("quantize", help="write an int8 or int4 weight-only checkpoint (and check its quality)",
+                       description="Quantize every linear weight (attention, MLPs, experts, lm_head; not the router "
+                                   "or kv_b_proj) and write a checkpoint routed loads directly. Reports the KL "
+                                   "divergence and the routing agreement against the original.")
+    q.add_argument("--model", required=True, help="float (bf16/fp32/FP8) checkpoint folder")
+    q.add_argument("--to", required=True, choices=["int8", "int4"])
+    q.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256], help="int4 group (default 32)")
+    q.add_argument("--out", required=True, help="new folder to write")
+    q.add_argument("--check-tokens", type=int, default=512,
+                   help="tokens of sample text for the quality check; 0 skips it (default 512)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_quantize)
 
     r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint in the Hugging Face layout",
                        description="Write config.json, safetensors shards and the DeepSeek-V3 tokenizer files. "

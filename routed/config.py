@@ -108,6 +108,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     torch_dtype: str = "bfloat16"
     fp8: Fp8Config | None = None
+    int_quant: tuple[int, int] | None = None  # (bits, group_size) of a checkpoint written by `routed quantize`
     source: str = field(default="<dict>", compare=False)
 
     # ---- derived sizes -------------------------------------------------------------------------
@@ -226,11 +227,16 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
 
     quant = raw.get("quantization_config")
-    fp8 = None
-    if quant is not None:
+    fp8, int_quant = None, None
+    if isinstance(quant, dict) and quant.get("quant_method") == "routed":
+        bits, group = quant.get("bits"), quant.get("group_size", 32)
+        if bits not in (8, 4) or not isinstance(group, int) or group < 1:
+            raise fail("quantization_config.bits", f"is {bits!r} (group_size {group!r}); expected 8 or 4")
+        int_quant = (bits, group)
+    elif quant is not None:
         method = quant.get("quant_method") if isinstance(quant, dict) else None
         if method != "fp8":
-            raise fail("quantization_config.quant_method", f"is {method!r}; supported: fp8")
+            raise fail("quantization_config.quant_method", f"is {method!r}; supported: fp8, routed")
         block = quant.get("weight_block_size", [128, 128])
         if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
             raise fail("quantization_config.weight_block_size", f"is {block!r}; expected [rows, cols]")
@@ -270,6 +276,7 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
         tie_word_embeddings=get("tie_word_embeddings", bool, False),
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
         fp8=fp8,
+        int_quant=int_quant,
         source=source,
     )
 

@@ -27,10 +27,15 @@ from routed.errors import RoutedError
 from routed.model.deepseek_v3 import Gate, Transformer
 from routed.progress import progress_bar
 from routed.quant import fp8
+from routed.quant.intq import IntFormat
+from routed.quant.linear import finalize_model, quantize_model
+
+QUANT_CHOICES = {"int8": IntFormat(8), "int4": IntFormat(4, 32)}
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-_EXPERTS = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+_EXPERTS = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)(?:_(?P<kind>qweight|scales_zeros|scales))?$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _MTP_DUPLICATES = (".embed_tokens.weight", ".shared_head.head.weight")
 
@@ -104,7 +109,7 @@ def checkpoint_table(model: Transformer) -> dict[str, Target]:
         m = _EXPERTS.match(hf)
         if m:
             for e in range(tensor.shape[0]):
-                table[f"{m['prefix']}.{e}.{m['proj']}.weight"] = Target(key, e, tuple(tensor.shape[1:]))
+                table[f"{m['prefix']}.{e}.{m['proj']}.{m['kind'] or 'weight'}"] = Target(key, e, tuple(tensor.shape[1:]))
         else:
             table[hf] = Target(key, None, tuple(tensor.shape))
     return table
@@ -121,9 +126,14 @@ def is_skipped(name: str, cfg: ModelConfig, with_mtp: bool) -> bool:
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype | str = torch.bfloat16, *, mtp: bool = False, progress: bool = True
+    path: str | Path, dtype: torch.dtype | str = torch.bfloat16, *, mtp: bool = False, progress: bool = True,
+    quant: str | None = None,
 ) -> Transformer:
-    """Load a DeepSeek-V3-family checkpoint folder into a Transformer in eval mode."""
+    """Load a DeepSeek-V3-family checkpoint folder into a Transformer in eval mode.
+
+    `quant="int8"|"int4"` quantizes a float checkpoint's linear weights after loading (see routed.quant);
+    a checkpoint written by `routed quantize` loads quantized as it is.
+    """
     folder = Path(path)
     dtype = resolve_dtype(dtype)
     cfg = ModelConfig.from_pretrained(folder)
@@ -132,6 +142,8 @@ def load_model(
     infos = scan_checkpoint(folder)
     with torch.device("meta"):
         model = Transformer(cfg, dtype=dtype, with_mtp=mtp)
+        if cfg.int_quant:
+            quantize_model(model, IntFormat(*cfg.int_quant), from_weights=False)
     model.to_empty(device="cpu")
     table = checkpoint_table(model)
     state = model.state_dict(keep_vars=True)
@@ -157,6 +169,13 @@ def load_model(
     for module in model.modules():
         if isinstance(module, Gate):
             module.reset_counters()  # to_empty left them uninitialised
+    if quant is not None:
+        if cfg.int_quant:
+            raise RoutedError(f"{folder} is already quantized (int{cfg.int_quant[0]}); drop --quant")
+        if quant not in QUANT_CHOICES:
+            raise RoutedError(f"quant {quant!r} is not supported; choose from {', '.join(QUANT_CHOICES)}")
+        quantize_model(model, QUANT_CHOICES[quant])
+    finalize_model(model)
     model.eval()
     return model
 
@@ -204,3 +223,48 @@ def _check_names(
                               f"from config.json")
         if infos[name].dtype == "F8_E4M3" and name + "_scale_inv" not in infos:
             raise RoutedError(f"{folder}: FP8 tensor {name} has no {name}_scale_inv")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def write_checkpoint(model: Transformer, source: str | Path, out: str | Path, config_changes: dict,
+                     shard_bytes: int = 1 << 30) -> Path:
+    """Write `model` in the checkpoint layout it was loaded from (the inverse of the name table), with
+    source's config.json updated by `config_changes` (None removes a key) and its tokenizer files copied."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    source, out = Path(source), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise RoutedError(f"{out} exists and is not empty; choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    raw = json.loads((source / "config.json").read_text())
+    for key, value in config_changes.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    state = model.state_dict()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, target in checkpoint_table(model).items():
+        tensor = state[target.key] if target.expert is None else state[target.key][target.expert]
+        if size > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += tensor.numel() * tensor.element_size()
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, out / name)
+    return out

@@ -25,7 +25,7 @@ from torch import nn
 
 from routed.config import ModelConfig, RopeConfig
 from routed.model.attention import ATTENTION, ATTN_IMPLS, PagedBatch, paged_attention
-from routed.model.experts import RoutedExperts, swiglu
+from routed.model.experts import RoutedExperts
 
 
 # ---- norms and rotary embedding -----------------------------------------------------------------
@@ -162,7 +162,7 @@ class MLP(nn.Module):
         self.down_proj = _linear(intermediate_size, hidden_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Gate(nn.Module):
@@ -316,6 +316,24 @@ class MTPLayer(Block):
         self.eh_proj = _linear(2 * D, D, dtype)
         self.shared_head = SharedHead(cfg, dtype)
 
+    def forward(  # type: ignore[override]
+        self,
+        h_BTD: torch.Tensor,
+        emb_BTD: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        positions_BT: torch.Tensor,
+        batch: PagedBatch | None,
+        layer: int,
+        impl: str,
+    ) -> torch.Tensor:
+        """h_i (incoming hidden) and Emb(t_{i+1}) -> shared_head.norm(Block(eh_proj([enorm(e) ; hnorm(h)]))).
+
+        Embedding first, hidden second (the released weights' column order, spec §5.2). The result is both
+        what the head reads and what a next MTP depth (or draft step) takes as its incoming hidden.
+        """
+        x_BTD = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1))
+        return self.shared_head.norm(super().forward(x_BTD, rope, positions_BT, batch, layer, impl))
+
 
 class DecoderStack(nn.Module):
     """The `model.` prefix of the checkpoint: embedding, decoder layers, final norm."""
@@ -343,7 +361,7 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     def gates(self) -> list[tuple[int, Gate]]:
         """(layer index, router) of every MoE layer of the main model, in order."""
@@ -391,4 +409,27 @@ class Transformer(nn.Module):
         """An empty paged latent cache: [num_layers, num_slots, kv_lora_rank + qk_rope_head_dim]."""
         cfg = self.config
         return torch.zeros(cfg.num_hidden_layers, num_slots, cfg.latent_dim, dtype=self.dtype,
-                           device=self.lm_head.weight.device)
+                           device=self.model.embed_tokens.weight.device)
+
+    def forward_mtp(
+        self,
+        hidden_BTD: torch.Tensor,
+        next_ids_BT: torch.Tensor,
+        k: int = 0,
+        positions_BT: torch.Tensor | None = None,
+        batch: PagedBatch | None = None,
+    ) -> torch.Tensor:
+        """MTP module k: hidden states [B, T, D] whose logits (`self.logits`) predict the token after next_ids.
+
+        `hidden_BTD` is the main model's post-final-norm hidden (k = 0) or the previous module's output;
+        `next_ids_BT` holds t_{i+k+1} at row position i (the caller shifts; an inference caller may zero the
+        embedding at position 0 itself). With a PagedBatch the module's latents use cache layer
+        num_hidden_layers + k.
+        """
+        B, T = next_ids_BT.shape
+        if positions_BT is None:
+            positions_BT = torch.arange(T, device=next_ids_BT.device).expand(B, T)
+        rope = self.rotary(positions_BT)
+        emb_BTD = self.model.embed_tokens(next_ids_BT)
+        return self.mtp[k](hidden_BTD, emb_BTD, rope, positions_BT, batch, self.config.num_hidden_layers + k,
+                           self.attn_impl)

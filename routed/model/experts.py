@@ -15,12 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from routed.quant.intq import (IntFormat, int4_linear, int8_linear, pack_int4, quantize_int4,
+                               quantize_int8)
+
 EXPERT_IMPLS = ("grouped", "reference")
-
-
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate(x)) ⊙ up(x)) with weights stored [out, in]."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
 class RoutedExperts(nn.Module):
@@ -32,8 +31,52 @@ class RoutedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, I, D, dtype=dtype), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(E, D, I, dtype=dtype), requires_grad=False)
 
+        self.fmt: IntFormat | None = None
+        self._packed: dict[str, list[torch.Tensor]] = {}
+
+    def quantize_(self, fmt: IntFormat, from_weights: bool = True) -> None:
+        """Replace the stacked float weights with int8/int4 buffers (`{proj}_qweight` [E, N, K] int8 or
+        [E, N, K/2] int4 nibbles, `{proj}_scales` [E, N] or `{proj}_scales_zeros` [E, K/group, N, 2]);
+        empty when not from_weights (a quantized checkpoint is about to be loaded into them)."""
+        for name in PROJS:
+            w = getattr(self, name)
+            E, N, K = w.shape
+            delattr(self, name)
+            if fmt.bits == 8:
+                pairs = [quantize_int8(w[e]) for e in range(E)] if from_weights else None
+                q = torch.stack([p[0] for p in pairs]) if pairs else torch.empty(E, N, K, dtype=torch.int8)
+                s = torch.stack([p[1] for p in pairs]) if pairs else torch.empty(E, N, dtype=torch.float32)
+                self.register_buffer(f"{name}_qweight", q)
+                self.register_buffer(f"{name}_scales", s)
+            else:
+                pairs = [quantize_int4(w[e], fmt.group_size) for e in range(E)] if from_weights else None
+                q = torch.stack([p[0] for p in pairs]) if pairs else torch.empty(E, N, K // 2, dtype=torch.uint8)
+                s = (torch.stack([p[1] for p in pairs]) if pairs
+                     else torch.empty(E, K // fmt.group_size, N, 2, dtype=torch.bfloat16))
+                self.register_buffer(f"{name}_qweight", q)
+                self.register_buffer(f"{name}_scales_zeros", s)
+        self.fmt = fmt
+
+    def finalize_(self) -> None:
+        """int4: pack every expert's weights for the CPU kernel and drop the unpacked copies."""
+        if self.fmt is None or self.fmt.bits != 4:
+            return
+        for name in PROJS:
+            q = getattr(self, f"{name}_qweight")
+            self._packed[name] = [pack_int4(q[e]) for e in range(q.shape[0])]
+            setattr(self, f"{name}_qweight", torch.empty(0, dtype=torch.uint8))
+
+    def _proj(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt is None:
+            return F.linear(x, getattr(self, name)[e])
+        if self.fmt.bits == 8:
+            return int8_linear(x, getattr(self, f"{name}_qweight")[e], getattr(self, f"{name}_scales")[e])
+        sz = getattr(self, f"{name}_scales_zeros")[e]
+        return int4_linear(x, self._packed[name][e], sz, self.fmt.group_size, sz.shape[1])
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.gate_proj[e], self.up_proj[e], self.down_proj[e])
+        h = F.silu(self._proj("gate_proj", e, x)) * self._proj("up_proj", e, x)
+        return self._proj("down_proj", e, h)
 
     def forward(
         self, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor, impl: str = "grouped"

@@ -1,0 +1,102 @@
+"""Weight-only integer formats (data + pure functions) and the PyTorch CPU kernels that run them.
+
+* int8: symmetric per output channel. `W[n, k] ≈ q[n, k] · scale[n]`, q int8 in [-127, 127]. Matmul with
+  `aten._weight_int8pack_mm(x, q, scale)` (reads one byte per weight).
+* int4: asymmetric per group of `group_size` input channels. `W[n, k] ≈ (q[n, k] − 8) · s[g, n] + z[g, n]`
+  with q in 0..15, g = k // group_size, z = min + 8 s. Stored as two nibbles per byte, uint8 [N, K/2]
+  (column 2j in the low nibble, 2j+1 in the high one), plus bf16 `scales_zeros` [K/group_size, N, 2];
+  repacked at load into the layout of `aten._weight_int4pack_mm_for_cpu`.
+
+Activations stay in the model dtype; only weights are quantized. Which weights are quantized (every linear in
+attention and feed-forward, experts and lm_head; not the router, not `kv_b_proj`, whose halves the absorbed
+attention folds into the query and output) is decided by `routed.quant.linear`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INNER_K_TILES = 2
+
+
+@dataclass(slots=True, frozen=True)
+class IntFormat:
+    bits: int  # 8 or 4
+    group_size: int = 32  # int4 only
+
+    def __post_init__(self) -> None:
+        if self.bits not in (8, 4):
+            raise ValueError(f"bits must be 8 or 4, got {self.bits}")
+        if self.bits == 4 and self.group_size not in (32, 64, 128, 256):
+            raise ValueError(f"int4 group_size must be 32, 64, 128 or 256, got {self.group_size}")
+
+    def as_config(self) -> dict:
+        return {"quant_method": "routed", "bits": self.bits, "group_size": self.group_size}
+
+
+def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
+    """The int4 CPU kernel needs N % 16 == 0 and K a multiple of the group; other weights stay float."""
+    return out_features % 16 == 0 and in_features % group_size == 0
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (q int8 [N, K], scale fp32 [N])."""
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return (wf / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[..., None]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (nibbles uint8 [N, K/2], scales_zeros bf16 [K/group, N, 2])."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"in_features {K} is not a multiple of the int4 group size {group_size}")
+    wg = w.float().view(N, K // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
+    scales_zeros = torch.stack([scale.T, (lo + 8 * scale).T], dim=-1).to(torch.bfloat16).contiguous()
+    return q[:, 0::2] | (q[:, 1::2] << 4), scales_zeros
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> values 0..15 as uint8 [N, K]."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+
+def dequantize_int4(nibbles: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    q = unpack_nibbles(nibbles)
+    N, K = q.shape
+    sz = scales_zeros.float()
+    scale, zero = sz[..., 0].T, sz[..., 1].T  # [N, K/group]
+    qg = q.float().view(N, K // group_size, group_size)
+    return ((qg - 8) * scale[..., None] + zero[..., None]).view(N, K)
+
+
+def pack_int4(nibbles: torch.Tensor) -> torch.Tensor:
+    """Stored nibbles -> the int4 CPU kernel's weight layout."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles).to(torch.int32), INNER_K_TILES)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    shape = x.shape
+    out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), q, scale.to(x.dtype))
+    return out.view(*shape[:-1], q.shape[0])
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+                out_features: int) -> torch.Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.dtype != torch.bfloat16:  # the int4 CPU kernel takes bf16 activations
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.bfloat16(), packed, group_size, scales_zeros)
+        out = out.to(x.dtype)
+    else:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_zeros)
+    return out.view(*shape[:-1], out_features)

@@ -1,0 +1,78 @@
+"""Quantized linear layers and the model-wide conversion to int8 / int4 weights.
+
+`quantize_model(model, fmt)` turns every linear of attention, dense MLPs, shared experts, routed experts and
+the lm_head into weight-only int8 or int4; it leaves the router (fp32, spec trap 1), `kv_b_proj` (whose W_UK
+/ W_UV halves the absorbed attention folds, spec trap 13), norms and the embedding alone. With
+`from_weights=False` it only reshapes the module tree (empty buffers) so a quantized checkpoint can be
+loaded into it; `finalize_model` then packs int4 weights for the CPU kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from routed.quant.intq import (IntFormat, int4_fits, int4_linear, int8_linear, pack_int4, quantize_int4,
+                               quantize_int8)
+
+KEEP_FLOAT = ("kv_b_proj",)
+
+
+class QLinear(nn.Module):
+    """y = x Wᵀ with W stored as int8 (per channel) or int4 (group-wise); no bias (DeepSeek has none)."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: IntFormat) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        if fmt.bits == 8:
+            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32))
+        else:
+            self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("scales_zeros", torch.empty(in_features // fmt.group_size, out_features, 2,
+                                                             dtype=torch.bfloat16))
+        self._packed: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: IntFormat) -> QLinear:
+        q = cls(linear.in_features, linear.out_features, fmt)
+        if fmt.bits == 8:
+            q.qweight, q.scales = quantize_int8(linear.weight.data)
+        else:
+            q.qweight, q.scales_zeros = quantize_int4(linear.weight.data, fmt.group_size)
+        return q
+
+    def finalize_(self) -> None:
+        if self.fmt.bits == 4 and self._packed is None:
+            self._packed = pack_int4(self.qweight)
+            self.qweight = torch.empty(0, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt.bits == 8:
+            return int8_linear(x, self.qweight, self.scales)
+        return int4_linear(x, self._packed, self.scales_zeros, self.fmt.group_size, self.out_features)
+
+
+def quantize_model(model: nn.Module, fmt: IntFormat, from_weights: bool = True) -> None:
+    from routed.model.experts import RoutedExperts
+
+    for module in list(model.modules()):
+        if isinstance(module, RoutedExperts):
+            E, N, K = module.gate_proj.shape
+            if fmt.bits == 8 or (int4_fits(N, K, fmt.group_size) and int4_fits(K, N, fmt.group_size)):
+                module.quantize_(fmt, from_weights)
+            continue
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and name not in KEEP_FLOAT:
+                if fmt.bits == 4 and not int4_fits(child.out_features, child.in_features, fmt.group_size):
+                    continue  # the int4 kernel cannot take this shape: it stays in the model dtype
+                setattr(module, name, QLinear.from_linear(child, fmt) if from_weights
+                        else QLinear(child.in_features, child.out_features, fmt))
+
+
+def finalize_model(model: nn.Module) -> None:
+    from routed.model.experts import RoutedExperts
+
+    for module in model.modules():
+        if isinstance(module, (QLinear, RoutedExperts)):
+            module.finalize_()
