@@ -224,6 +224,52 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from routed.bench import bench
+
+    try:
+        batches = tuple(sorted({int(b) for b in args.batch.split(",")}))
+    except ValueError:
+        raise RoutedError(f"--batch {args.batch!r}: expected comma-separated integers like 1,8,16") from None
+    if not batches or min(batches) < 1:
+        raise RoutedError("--batch sizes must be at least 1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = bench(args.model, args.prompt_len, args.gen_len, batches, args.quant, args.dtype, args.repeats,
+                   args.price_per_hour, args.compare_transformers, progress=not args.json)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{args.model}[/bold] {args.dtype}{' ' + args.quant if args.quant else ''}, "
+                  f"{result['threads']} threads: load {result['load_seconds']:.1f} s, weights "
+                  f"{result['weight_bytes'] / 1e9:.2f} GB, peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB "
+                  f"({result['peak_rss_bytes'] / result['weight_bytes']:.2f}x), copy bandwidth "
+                  f"{result['memory_bandwidth_gbs']:.1f} GB/s")
+    table = Table("run", "tok/s (median)", "spread", "weight MB / step", "bandwidth floor tok/s", "of floor")
+    for r in result["runs"]:
+        name = f"prefill {r['prompt_len']}" if r["kind"] == "prefill" else f"decode batch {r['batch']}"
+        floor = r.get("bandwidth_floor_tok_s")
+        table.add_row(name, f"{r['tokens_per_second']:.1f}", f"{r['spread']:.1f}",
+                      f"{r['weight_bytes_per_step'] / 1e6:.0f}" if floor else "",
+                      f"{floor:.1f}" if floor else "", f"{r['fraction_of_floor']:.0%}" if floor else "")
+    console.print(table)
+    cost = result["cost"]
+    console.print(f"at ${cost['price_per_hour']:.2f}/hour: ${cost['usd_per_mtok_input']:.2f} per million input "
+                  f"tokens, ${cost['usd_per_mtok_output']:.2f} per million output tokens")
+    if "transformers" in result:
+        hf, ratio = result["transformers"], result["ratio_vs_transformers"]
+        console.print(f"transformers, same checkpoint: prefill {hf['prefill']:.1f} tok/s, decode batch 1 "
+                      f"{hf['decode_b1']:.1f} tok/s -> routed is {ratio['prefill']:.2f}x (prefill) and "
+                      f"{ratio['decode_b1']:.2f}x (decode)")
+    return 0
+
+
 def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     from routed.presets import write_random_checkpoint
 
@@ -338,6 +384,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens of sample text for the quality check; 0 skips it (default 512)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quantize)
+
+    b = sub.add_parser("bench", help="prefill and decode throughput, memory, bandwidth floor, cost",
+                       description="Measure load time, peak RSS, prefill and decode tokens/s (median of repeats), "
+                                   "weight bytes per step against the machine's memory bandwidth, and $/Mtok. "
+                                   "--json output feeds `routed plan --calibrate`.")
+    b.add_argument("--model", required=True, help="checkpoint folder")
+    b.add_argument("--prompt-len", type=_positive_int, default=512, help="prefill length (default 512)")
+    b.add_argument("--gen-len", type=_positive_int, default=128, help="decode tokens per request (default 128)")
+    b.add_argument("--batch", default="1,8,16", help="decode batch sizes (default 1,8,16)")
+    b.add_argument("--quant", choices=["int8", "int4"], default=None, help="quantize weights at load")
+    b.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    b.add_argument("--repeats", type=_positive_int, default=3, help="runs per figure (default 3)")
+    b.add_argument("--price-per-hour", type=float, default=0.10,
+                   help="machine price for $/Mtok (default 0.10: a 2-vCPU cloud VM, on-demand, 2025 list prices)")
+    b.add_argument("--compare-transformers", action="store_true", help="also time transformers, same checkpoint")
+    b.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint in the Hugging Face layout",
                        description="Write config.json, safetensors shards and the DeepSeek-V3 tokenizer files. "

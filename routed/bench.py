@@ -1,0 +1,177 @@
+"""`routed bench`: load time, peak RSS, prefill and decode throughput, bytes per token against bandwidth.
+
+Each figure is the median of `repeats` runs with its spread (max − min). Decode at batch B runs B requests
+with short random prompts through the engine and times the steps after every request has its first token.
+The bandwidth floor is `weight bytes read per decode step / measured copy bandwidth`; the fraction reached is
+measured decode steps/s over that floor. `--compare-transformers` times transformers' DeepseekV3ForCausalLM
+on the same checkpoint in the same process. The JSON is the input of `routed plan --calibrate`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from routed.config import EngineConfig
+from routed.engine.engine import LLMEngine
+from routed.loader import load_model
+from routed.model.experts import RoutedExperts
+from routed.model.deepseek_v3 import Transformer
+from routed.progress import progress_bar
+from routed.sampling import SamplingParams
+from routed.tokenizer import Tokenizer
+
+
+def _median(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "spread": max(xs) - min(xs), "runs": [round(x, 3) for x in xs]}
+
+
+def memory_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
+    """Copy bandwidth (bytes read + written per second) of this machine, best of `repeats`."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = max(best, 2 * src.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def _own_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's own tensors, packed int4 weights included."""
+    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    packed = getattr(module, "_packed", None)
+    if isinstance(packed, torch.Tensor):
+        tensors.append(packed)
+    elif isinstance(packed, dict):
+        tensors += [p for group in packed.values() for p in group]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bytes_per_decode_step(model: Transformer, batch: int) -> int:
+    """Weight bytes one decode step of `batch` tokens reads: all weights but the embedding table (one row per
+    token) and the routed experts (the expected fraction touched, 1 − (1 − k/E)^batch)."""
+    cfg = model.config
+    touched = 1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** batch if cfg.n_routed_experts else 0
+    total = 0.0
+    for name, module in model.named_modules():
+        if name.startswith("mtp"):
+            continue
+        if isinstance(module, RoutedExperts):
+            total += touched * _own_bytes(module)
+        elif isinstance(module, torch.nn.Embedding):
+            total += batch * _own_bytes(module) / module.num_embeddings
+        else:
+            total += _own_bytes(module)
+    return int(total)
+
+
+def _prefill(engine: LLMEngine, prompt_len: int, rng: random.Random) -> float:
+    ids = [rng.randrange(1000, engine.model.config.vocab_size - 1) for _ in range(prompt_len)]
+    engine.add_request(ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    return prompt_len / (time.perf_counter() - start)
+
+
+def _decode(engine: LLMEngine, batch: int, gen_len: int, rng: random.Random) -> float:
+    vocab = engine.model.config.vocab_size
+    for _ in range(batch):
+        engine.add_request([rng.randrange(1000, vocab - 1) for _ in range(16)],
+                           SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True))
+    while any(r.num_computed < len(r.prompt_ids) for r in engine.requests.values()):
+        engine.step()
+    start, steps = time.perf_counter(), 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    return batch * steps / (time.perf_counter() - start)
+
+
+def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: tuple[int, ...] = (1, 8, 16),
+          quant: str | None = None, dtype: str = "bf16", repeats: int = 3, price_per_hour: float = 0.10,
+          compare_transformers: bool = False, progress: bool = True) -> dict[str, Any]:
+    start = time.perf_counter()
+    model = load_model(path, dtype, progress=progress, quant=quant)
+    load_s = time.perf_counter() - start
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    tok = Tokenizer.from_pretrained(path)
+    config = EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=max(prompt_len, max(batches)),
+                          kv_cache_gb=0.5, enable_prefix_caching=False, routing_telemetry=False)
+    engine = LLMEngine(model, tok, config)
+    rng = random.Random(0)
+    bandwidth = memory_bandwidth_gbs()
+    runs: list[dict[str, Any]] = []
+    with progress_bar("benchmark", total=repeats * (1 + len(batches)), enabled=progress) as advance:
+        _decode(engine, 1, 4, rng)  # warm-up
+        prefill = []
+        for _ in range(repeats):
+            prefill.append(_prefill(engine, prompt_len, rng))
+            advance()
+        runs.append({"kind": "prefill", "batch": 1, "prompt_len": prompt_len, "tokens_per_second":
+                     statistics.median(prefill), **_median(prefill)})
+        for b in batches:
+            rates = []
+            for _ in range(repeats):
+                rates.append(_decode(engine, b, gen_len, rng))
+                advance()
+            step_bytes = bytes_per_decode_step(model, b)
+            floor = bandwidth * 1e9 / step_bytes * b  # tokens/s if every step only streamed its weights
+            runs.append({"kind": "decode", "batch": b, "context": 16 + gen_len // 2,
+                         "tokens_per_second": statistics.median(rates), **_median(rates),
+                         "weight_bytes_per_step": step_bytes, "bandwidth_floor_tok_s": floor,
+                         "fraction_of_floor": statistics.median(rates) / floor})
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out: dict[str, Any] = {
+        "model": {"path": str(path), "config": json.loads((Path(path) / "config.json").read_text())},
+        "dtype": dtype, "quant": quant, "threads": torch.get_num_threads(), "load_seconds": load_s,
+        "weight_bytes": weight_bytes, "peak_rss_bytes": peak_rss, "memory_bandwidth_gbs": bandwidth,
+        "runs": runs,
+    }
+    best_decode = max(r["tokens_per_second"] for r in runs if r["kind"] == "decode")
+    out["cost"] = {"price_per_hour": price_per_hour,
+                   "usd_per_mtok_input": price_per_hour / 3600 / runs[0]["tokens_per_second"] * 1e6,
+                   "usd_per_mtok_output": price_per_hour / 3600 / best_decode * 1e6}
+    if compare_transformers:
+        del engine, model
+        out["transformers"] = bench_transformers(path, prompt_len, min(gen_len, 32), repeats, dtype)
+        ours = {"prefill": runs[0]["tokens_per_second"],
+                "decode_b1": next(r["tokens_per_second"] for r in runs if r["kind"] == "decode" and r["batch"] == 1)}
+        out["ratio_vs_transformers"] = {k: ours[k] / out["transformers"][k] for k in ours if k in out["transformers"]}
+    return out
+
+
+def bench_transformers(path: str | Path, prompt_len: int, gen_len: int, repeats: int, dtype: str) -> dict[str, float]:
+    """transformers on the same checkpoint: prefill of prompt_len and greedy decode at batch 1."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.bfloat16 if dtype == "bf16" else torch.float32).eval()
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prefill, decode = [], []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            ids = torch.randint(1000, vocab - 1, (1, prompt_len), generator=g)
+            start = time.perf_counter()
+            model(ids)
+            prefill.append(prompt_len / (time.perf_counter() - start))
+            ids = torch.randint(1000, vocab - 1, (1, 16), generator=g)
+            model.generate(ids, max_new_tokens=1, do_sample=False)  # prefill alone, subtracted below
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, do_sample=False)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False)
+            decode.append((gen_len - 1) / (time.perf_counter() - start - first))
+    return {"prefill": statistics.median(prefill), "decode_b1": statistics.median(decode),
+            "prefill_spread": max(prefill) - min(prefill), "decode_spread": max(decode) - min(decode)}
