@@ -62,3 +62,23 @@ def test_bad_flag_values_exit_nonzero() -> None:
     assert res.returncode == 2 and "must be at least 1" in res.stderr
     res = run("generate", "--model", "x", "--top-p", "2", "hi")
     assert res.returncode == 1 and "top_p" in res.stderr
+
+
+def test_bench_json_and_quantize(tiny_preset: Path, tmp_path: Path) -> None:
+    res = run("bench", "--model", str(tiny_preset), "--prompt-len", "32", "--gen-len", "4", "--batch", "1,2",
+              "--repeats", "1", "--threads", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    kinds = [(r["kind"], r["batch"]) for r in out["runs"]]
+    assert kinds == [("prefill", 1), ("decode", 1), ("decode", 2)]
+    assert all(r["tokens_per_second"] > 0 for r in out["runs"])
+    assert out["runs"][1]["weight_bytes_per_step"] < out["runs"][2]["weight_bytes_per_step"] < out["weight_bytes"]
+    assert out["model"]["config"]["hidden_size"] == 128 and out["cost"]["usd_per_mtok_output"] > 0
+    res = run("quantize", "--model", str(tiny_preset), "--to", "int8", "--out", str(tmp_path / "q8"),
+              "--check-tokens", "64", "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["quality"]["kl"] < 0.01 and len(report["quality"]["identical"]) == 2
+    gen = run("generate", "--model", str(tmp_path / "q8"), "--max-tokens", "3", "--json", "hi")
+    assert gen.returncode == 0 and json.loads(gen.stdout)["completion_tokens"] == 3
+    assert run("bench", "--model", str(tiny_preset), "--batch", "x").returncode == 1
