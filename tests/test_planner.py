@@ -31,7 +31,7 @@ from routed.planner.memory import (
 )
 from routed.planner.models import MODEL_PRESETS, preset_config
 from routed.planner.reference import PUBLISHED, deepseek_check
-from routed.planner.roofline import Efficiency, expected_distinct_experts, step_time, step_work
+from routed.planner.roofline import Efficiency, engine_ops, expected_distinct_experts, step_time, step_work
 from routed.presets import PRESETS, expected_tensors
 
 SYNTHETIC_HW = Hardware("synthetic", memory_gb=64, memory_bandwidth_gb_s=40.0, bf16_tflops=0.5,
@@ -142,6 +142,16 @@ def test_decode_bytes_at_batch_one_are_the_active_weights() -> None:
     assert w.experts_touched == pytest.approx(k)
 
 
+def test_engine_ops_follow_the_measured_counts() -> None:
+    cfg = ModelConfig.from_dict(PRESETS["small"])  # 8 layers, 7 of them MoE, top-6
+    assert engine_ops(8, 1, 42, prefill=False) == 76 + 8 * (120 + 27) + 16 * 42  # counted: 1,932 aten ops
+    w = step_work(cfg, "bf16", Parallelism(), "decode", 4, 80, experts_touched=15.0)
+    assert w.ops == 76 + 8 * (120 + 27 * 4) + 16 * 7 * 15
+    w = step_work(cfg, "bf16", Parallelism(), "prefill", 1, 0, new_tokens=256, attention="absorb", experts_touched=30)
+    assert w.ops == 76 + 8 * (120 + 27) + (16 + 9) * 7 * 30
+    assert w.experts_touched == 30
+
+
 def test_regimes_decode_memory_bound_prefill_compute_bound() -> None:
     cfg, hw = ModelConfig.from_dict(PRESETS["small"]), HARDWARE_PRESETS["h100"]
     decode = step_time(step_work(cfg, "bf16", Parallelism(), "decode", 1, 512), hw, Efficiency())
@@ -173,13 +183,13 @@ def _synthetic_bench(config: dict, hw: Hardware, eff: Efficiency) -> dict:
 @pytest.mark.parametrize("overlap", [False, True])
 def test_calibration_recovers_known_factors(overlap: bool) -> None:
     hw = Hardware("synthetic", 64, 40.0, 0.5, devices_per_node=1, overlap_memory_compute=overlap)
-    truth = Efficiency(memory=0.37, compute=0.21, overhead_s=0.004)
+    truth = Efficiency(memory=0.37, compute=0.21, op_s=1.3e-5)
     bench = bench_from_dict(_synthetic_bench(PRESETS["small"], hw, truth))
     fit = calibrate([bench], hw)
     assert fit.overhead_fitted
     assert fit.efficiency.memory == pytest.approx(0.37, rel=1e-3)
     assert fit.efficiency.compute == pytest.approx(0.21, rel=1e-3)
-    assert fit.efficiency.overhead_s == pytest.approx(0.004, rel=1e-3)
+    assert fit.efficiency.op_s == pytest.approx(1.3e-5, rel=1e-3)
     assert fit.rms_log_error < 1e-4
     assert all(abs(r.error) < 1e-3 for r in fit.rows)
 
@@ -189,7 +199,7 @@ def test_calibration_leaves_out_an_overhead_it_does_not_need(tmp_path: Path) -> 
     file = tmp_path / "bench.json"
     file.write_text(json.dumps(_synthetic_bench(PRESETS["tiny"], SYNTHETIC_HW, truth)))
     fit = calibrate([load_bench(file)], SYNTHETIC_HW)
-    assert not fit.overhead_fitted and fit.efficiency.overhead_s == 0
+    assert not fit.overhead_fitted and fit.efficiency.op_s == 0
     assert fit.efficiency.memory == pytest.approx(0.5, rel=1e-3)
     assert fit.efficiency.compute == pytest.approx(0.3, rel=1e-3)
 
@@ -306,7 +316,7 @@ def test_plan_errors_are_routed_errors(tmp_path: Path) -> None:
 
 
 def test_plan_with_calibration_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    truth = Efficiency(memory=0.4, compute=0.25, overhead_s=0.003)
+    truth = Efficiency(memory=0.4, compute=0.25, op_s=2e-5)
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps(_synthetic_bench(PRESETS["small"], SYNTHETIC_HW, truth)))
     hw_file = tmp_path / "synthetic.json"

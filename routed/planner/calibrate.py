@@ -14,7 +14,9 @@ many experts instead of the uniform-routing expectation — random checkpoints r
 
 What is fitted, by least squares on log(predicted / measured) over every run of every file given:
 η_mem (memory bandwidth efficiency; decode runs pin it), η_compute (compute efficiency; prefill runs pin
-it) and a fixed per-step overhead in seconds. The overhead is kept only when the fit without it is off by
+it) and t_op, the seconds per engine op (roofline.engine_ops: routed's eager op count per step, which
+grows with layers, sequences and experts run — a fixed per-step overhead was tried first and does not
+transfer between shapes, see BENCHMARKS.md). The overhead is kept only when the fit without it is off by
 more than 1% RMS and the overhead cuts that error by at least 10% — otherwise it is 0 and says so. Interconnect efficiency and
 overlap are not fitted (single-device benches cannot see them) and keep their defaults. The minimiser is
 Nelder-Mead on the logs of the factors, from a few starting points.
@@ -164,7 +166,7 @@ def calibrate(benches: Sequence[Bench], hw: Hardware, base: Efficiency | None = 
 
     def efficiency(x: Sequence[float], with_overhead: bool) -> Efficiency:
         return replace(base, memory=math.exp(x[0]), compute=math.exp(x[1]),
-                       overhead_s=math.exp(x[2]) if with_overhead else 0.0)
+                       op_s=math.exp(x[2]) if with_overhead else 0.0)
 
     def loss(x: Sequence[float], with_overhead: bool) -> float:
         eff = efficiency(x, with_overhead)
@@ -173,7 +175,7 @@ def calibrate(benches: Sequence[Bench], hw: Hardware, base: Efficiency | None = 
     fits = {}
     for with_overhead in (False, True):
         starts = [(math.log(m), math.log(c), math.log(o)) for m in (0.5, 0.05) for c in (0.5, 0.05)
-                  for o in (1e-3, 1e-2)]
+                  for o in (1e-5, 1e-6)]
         best = min((nelder_mead(lambda x: loss(x, with_overhead), s) for s in starts), key=lambda r: r[1])
         fits[with_overhead] = (best[0], math.sqrt(best[1] / len(pairs)))
     use_overhead = fits[False][1] > OVERHEAD_NEEDED and fits[True][1] < OVERHEAD_GAIN * fits[False][1]

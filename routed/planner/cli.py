@@ -187,7 +187,7 @@ def _print_plan(plan: Any, fit: Any, plot_path: Path | None) -> None:
         ("  memory: weights + cache", f"{dec.memory_s * 1e3:,.2f} ms", f"{pre.memory_s * 1e3:,.2f} ms"),
         ("  compute: linear + attention", f"{dec.compute_s * 1e3:,.2f} ms", f"{pre.compute_s * 1e3:,.2f} ms"),
         ("  interconnect", f"{dec.comm_s * 1e3:,.2f} ms", f"{pre.comm_s * 1e3:,.2f} ms"),
-        ("  fixed overhead", f"{dec.overhead_s * 1e3:,.2f} ms", f"{pre.overhead_s * 1e3:,.2f} ms"),
+        ("  engine overhead", f"{dec.overhead_s * 1e3:,.2f} ms", f"{pre.overhead_s * 1e3:,.2f} ms"),
         ("bound", dec.bound, pre.bound),
         ("tokens/s per device", _rate(dec.tokens_per_second), _rate(pre.tokens_per_second)),
         ("tokens/s per node", _rate(plan.per_node(dec)), _rate(plan.per_node(pre))),

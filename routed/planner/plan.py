@@ -132,7 +132,7 @@ def _step_dict(t: StepTime, plan: Plan) -> dict[str, Any]:
         "tokens_per_second_total": t.tokens_per_second * plan.request.parallelism.gpus,
         "weight_bytes": w.weight_bytes, "cache_bytes": w.cache_bytes, "linear_flops": w.linear_flops,
         "attention_flops": w.attention_flops, "nvlink_bytes": w.nvlink_bytes, "network_bytes": w.network_bytes,
-        "experts_touched_per_moe_layer": w.experts_touched,
+        "experts_touched_per_moe_layer": w.experts_touched, "engine_ops": w.ops,
     }
 
 

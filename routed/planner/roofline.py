@@ -25,10 +25,20 @@ Time per step (the efficiency factors are printed with every plan):
     t_weights   = combine(weight bytes / (BW·η_mem), linear FLOPs / (peak·η_compute))
     t_attention = combine(cache bytes / (BW·η_mem), attention FLOPs / (bf16 peak·η_compute))
     t_comm      = max(network bytes / network BW, NVLink bytes / NVLink BW) / η_comm
-    t_step      = t_weights + t_attention + t_comm − overlap·min(t_weights + t_attention, t_comm) + overhead
+    t_overhead  = t_op · engine ops per step
+    t_step      = t_weights + t_attention + t_comm − overlap·min(t_weights + t_attention, t_comm) + t_overhead
 combine = max (a GPU kernel overlaps its loads with its math: the roofline) or sum (`local`: on a CPU the
 decode-sized GEMMs measure as load time plus math time; `Hardware.overlap_memory_compute`). The linear peak is the fp8 rate for fp8 weights on hardware that has it, else bf16
 (int8/int4 are weight-only formats, dequantised to bf16).
+
+Engine ops (`engine_ops`): routed runs eagerly, one PyTorch op at a time, and on a CPU each op has a fixed
+cost t_op beyond its bytes and FLOPs. The op count per step is routed's own, measured by counting aten ops
+in engine steps of the tiny, medium and small presets (decode at 1 and 4 sequences, a 256-token prefill)
+and fitted to within ±4%: 76 per step + 120 per layer + 27 per layer per sequence + 16 per routed expert
+run; in a prefill step each expert's three GEMMs meet a token count they have not seen, and oneDNN plans a
+bf16 GEMM afresh for each new shape (measured: ~59 µs a call against ~18 µs for a repeated shape), so they
+count 3 op-times more each. t_op defaults to 0 (GPU plans: CUDA graphs; not modelled) and is calibrated
+from `routed bench` files for `local`.
 """
 
 from __future__ import annotations
@@ -58,12 +68,12 @@ class Efficiency:
     compute: float = 0.65  # FlashMLA 660 of 989 bf16 TFLOPS; DeepGEMM large fp8 GEMMs ~0.75 of peak
     comm: float = 0.78  # DeepEP low-latency dispatch/combine: 39 of 50 GB/s at EP128 on H800
     overlap: float = 0.0  # share of interconnect time hidden behind compute (0: none, see docs/cost.md)
-    overhead_s: float = 0.0  # fixed seconds per step: launches, scheduling, sampling, Python
+    op_s: float = 0.0  # seconds per engine op (eager dispatch on a CPU); 0 on GPUs
     source: str = "defaults (published DeepSeek kernel figures)"
 
     def describe(self) -> str:
         return (f"η_mem {self.memory:.3g}, η_compute {self.compute:.3g}, η_comm {self.comm:.3g}, "
-                f"overlap {self.overlap:.2g}, overhead {self.overhead_s * 1e3:.3g} ms/step [{self.source}]")
+                f"overlap {self.overlap:.2g}, t_op {self.op_s * 1e6:.3g} µs [{self.source}]")
 
     def to_dict(self) -> dict[str, float | str]:
         return asdict(self)
@@ -84,6 +94,7 @@ class StepWork:
     nvlink_bytes: float
     network_bytes: float
     experts_touched: float  # per MoE layer on this device
+    ops: float  # engine ops per step (routed's eager count; see engine_ops)
 
 
 @dataclass(slots=True)
@@ -92,7 +103,7 @@ class StepTime:
     memory_s: float  # weight + cache bytes over bandwidth
     compute_s: float  # all FLOPs over peak
     comm_s: float
-    overhead_s: float
+    overhead_s: float  # t_op × engine ops
     step_s: float
 
     @property
@@ -112,6 +123,16 @@ def expected_distinct_experts(n_experts: int, k: int, tokens: float) -> float:
     if n_experts == 0 or tokens <= 0:
         return 0.0
     return n_experts * (1.0 - (1.0 - k / n_experts) ** tokens)
+
+
+ENGINE_OPS = {"step": 76, "layer": 120, "layer_sequence": 27, "expert": 16, "prefill_expert": 9}
+
+
+def engine_ops(layers: int, sequences: float, experts_run: float, prefill: bool) -> float:
+    """PyTorch ops routed dispatches in one step (see the module docstring for where the counts come from)."""
+    c = ENGINE_OPS
+    per_expert = c["expert"] + (c["prefill_expert"] if prefill else 0)
+    return c["step"] + layers * (c["layer"] + c["layer_sequence"] * sequences) + per_expert * experts_run
 
 
 def _node_hit(n_experts: int, k: int, nodes: int) -> float:
@@ -174,8 +195,9 @@ def step_work(
             attention_flops = layers * (T * 2 * H_local * keys * (N + R + V)
                                         + batch * cached * 2 * L * H_local * (N + V))
     nvlink, network = _comm_bytes(cfg, fmt, par, decode, T, moe_layers, devices_per_node)
+    ops = engine_ops(cfg.num_hidden_layers, batch, moe_layers * touched, prefill=not decode)
     return StepWork(mode, T / par.tp, weight_bytes, cache_bytes, linear_flops, attention_flops, fmt == "fp8",
-                    nvlink, network, touched)
+                    nvlink, network, touched, ops)
 
 
 def _comm_bytes(
@@ -223,8 +245,9 @@ def step_time(work: StepWork, hw: Hardware, eff: Efficiency) -> StepTime:
     if (work.network_bytes and not hw.network_gb_s) or (work.nvlink_bytes and not hw.nvlink_gb_s):
         comm = math.inf  # a multi-device plan on hardware without the link it needs
     comm /= eff.comm
-    step = compute_side + comm - eff.overlap * min(compute_side, comm) + eff.overhead_s
-    return StepTime(work, mem_w + mem_a, fl_w + fl_a, comm, eff.overhead_s, step)
+    overhead = eff.op_s * work.ops
+    step = compute_side + comm - eff.overlap * min(compute_side, comm) + overhead
+    return StepTime(work, mem_w + mem_a, fl_w + fl_a, comm, overhead, step)
 
 
 def cost_per_million(tokens_per_second_per_device: float, price_per_hour: float | None) -> float | None:
