@@ -6,10 +6,15 @@
 For each preset: write a random checkpoint (routed.presets.write_random_checkpoint) into a temporary folder,
 load it with `routed.LLM(path, dtype="bf16")` and time
 
-* decode at batch 1 and 4: prompts of 64 random tokens, 33 new tokens each (greedy, ignore_eos); the rate is
-  the 32 decode steps' tokens over `decode_seconds` (the prefill step is excluded), at an average context of
-  64 + 16 = 80 tokens;
-* prefill of 256 tokens at batch 1: 256 / `prefill_seconds` (one engine step: the whole prompt plus sampling).
+* decode at batch 1, 2, 4, 8 and 16: prompts of 64 random tokens, 33 new tokens each (greedy, ignore_eos);
+  the rate is the 32 decode steps' tokens over `decode_seconds` (the prefill step is excluded), at an average
+  context of 64 + 16 = 80 tokens;
+* prefill of 64 and 256 tokens at batch 1: tokens / `prefill_seconds` (one engine step: the whole prompt
+  plus sampling).
+
+Batches 1 and 4 and the 256-token prefill are the figures quoted; the others give the fit on one shape
+enough leverage to tell per-op overhead (grows with sequences) from memory time (grows with the distinct
+experts read, which saturates).
 
 Each figure is the median of `--repeats` runs (default 3) after one warm-up; prefix caching is off so no run
 reuses another's prompt. The machine may be shared: before each shape the script waits (up to --wait-quiet
@@ -44,8 +49,8 @@ from routed.sampling import SamplingParams  # noqa: E402
 
 PROMPT_LEN = 64
 NEW_TOKENS = 33  # 1 from the prefill step + 32 decode steps
-PREFILL_LEN = 256
-DECODE_BATCHES = (1, 4)
+PREFILL_LENS = (64, 256)
+DECODE_BATCHES = (1, 2, 4, 8, 16)
 
 
 def cpu_idle(seconds: float = 2.0) -> float:
@@ -103,7 +108,7 @@ class ExpertCounter:
 
 
 def measure(path: Path, repeats: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Decode (batch 1, 4) and prefill (256 tokens) rates of one checkpoint, medians of `repeats` runs.
+    """Decode (batch 1-16) and prefill (64, 256 tokens) rates of one checkpoint, medians of `repeats` runs.
 
     After the timed repeats of each kind, one more untimed run with hooks counts the distinct experts each
     MoE layer ran per step: the random router is far from uniform, and the planner can use the measurement.
@@ -127,16 +132,17 @@ def measure(path: Path, repeats: int, seed: int = 0) -> list[dict[str, Any]]:
         runs.append({"kind": "decode", "batch": batch, "context": PROMPT_LEN + (NEW_TOKENS - 1) // 2,
                      "tokens_per_second": round(statistics.median(rates), 3), "experts_touched": counter.mean(batch),
                      "samples": [round(r, 3) for r in rates]})
-    rates = []
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    for _ in range(repeats):
-        stats = llm.generate_ids(_prompts(rng, 1, PREFILL_LEN, vocab), one)
-        rates.append(PREFILL_LEN / stats.prefill_seconds)
-    with ExpertCounter(llm.model) as counter:
-        llm.generate_ids(_prompts(rng, 1, PREFILL_LEN, vocab), one)
-    runs.append({"kind": "prefill", "batch": 1, "prompt_len": PREFILL_LEN,
-                 "tokens_per_second": round(statistics.median(rates), 3),
-                 "experts_touched": counter.mean(PREFILL_LEN), "samples": [round(r, 3) for r in rates]})
+    for length in PREFILL_LENS:
+        rates = []
+        for _ in range(repeats):
+            stats = llm.generate_ids(_prompts(rng, 1, length, vocab), one)
+            rates.append(length / stats.prefill_seconds)
+        with ExpertCounter(llm.model) as counter:
+            llm.generate_ids(_prompts(rng, 1, length, vocab), one)
+        runs.append({"kind": "prefill", "batch": 1, "prompt_len": length,
+                     "tokens_per_second": round(statistics.median(rates), 3),
+                     "experts_touched": counter.mean(length), "samples": [round(r, 3) for r in rates]})
     return runs
 
 

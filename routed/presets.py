@@ -69,6 +69,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "num_nextn_predict_layers": 0,
         "max_position_embeddings": 163840, "rope_scaling": _V3_ROPE,
     },
+    # the bundled demo model's shape (routed/demo_model, trained by `routed train --config demo --data stdlib`):
+    # 11.2M parameters with the MTP module and its copies of embedding and head, 22 MB in bf16
+    "demo": {
+        **_COMMON, "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 112,
+        "num_hidden_layers": 4, "first_k_dense_replace": 1, "n_routed_experts": 16, "num_experts_per_tok": 4,
+        "n_group": 4, "topk_group": 2, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 128, "kv_lora_rank": 64,
+        "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "num_nextn_predict_layers": 1,
+        "max_position_embeddings": 4096,
+    },
 }
 
 _SHARD_BYTES = 1 << 30
