@@ -33,7 +33,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed, stop=args.stop or [],
     )
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, progress=not args.json)
+    from routed.config import EngineConfig
+
+    llm = LLM(args.model, dtype=args.dtype, engine_config=EngineConfig(speculative=args.speculative),
+              progress=not args.json)
     load_seconds = time.perf_counter() - t0
     if args.chat:
         prompt_ids = [llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
@@ -59,6 +62,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "prefill_seconds": round(stats.prefill_seconds, 4),
             "decode_seconds": round(stats.decode_seconds, 4),
             "load_seconds": round(load_seconds, 3),
+            **({"spec_acceptance_rate": round(llm.engine.stats().spec_acceptance_rate, 4)}
+               if args.speculative else {}),
         }))
     else:
         sys.stdout.write("\n")
@@ -117,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
         enable_prefix_caching=not args.no_prefix_caching, routing_window_tokens=args.routing_window,
-        record_routing=args.record_routing,
+        record_routing=args.record_routing, speculative=args.speculative,
     )
     serve(args.model, args.host, args.port, args.api_key or os.environ.get("ROUTED_API_KEY"), args.dtype,
           engine_config, args.served_model_name, args.max_body_bytes, args.drain_timeout)
@@ -307,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop when TEXT appears (repeatable)")
     g.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weight dtype (default bf16)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    g.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="draft with the MTP module and verify in the same step (greedy: same output, faster)")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: text, token_ids, prompt/completion tokens, seconds, tokens/s")
     g.set_defaults(func=cmd_generate)
@@ -336,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting", type=_positive_int, default=256,
                    help="queued requests beyond which new ones get 429 (default 256)")
     s.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
+    s.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="draft one token per step with the checkpoint's MTP module (greedy requests)")
     s.add_argument("--routing-window", type=_positive_int, default=4096,
                    help="tokens in the sliding window of the routing telemetry (default 4096)")
     s.add_argument("--record-routing", metavar="FILE", default=None,

@@ -335,6 +335,7 @@ class EngineConfig:
     routing_telemetry: bool = True  # count routing per expert on the device (see routed.telemetry)
     routing_window_tokens: int = 4096  # sliding window of the routing telemetry
     record_routing: str | None = None  # safetensors file the routing counts over time are written to
+    speculative: str | None = None  # "mtp": draft one token with the MTP module, verify it in the same step
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting", "routing_window_tokens"):
@@ -342,5 +343,7 @@ class EngineConfig:
                 raise RoutedError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.kv_cache_gb <= 0:
             raise RoutedError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
+        if self.speculative not in (None, "mtp"):
+            raise RoutedError(f"speculative must be 'mtp' or unset, got {self.speculative!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise RoutedError(f"max_model_len must be at least 2, got {self.max_model_len}")

@@ -63,6 +63,12 @@ class EngineStats:
     cache_usage: float
     prefix_cache_hit_rate: float
     preemptions: int
+    spec_drafted: int = 0
+    spec_accepted: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted / self.spec_drafted if self.spec_drafted else 0.0
 
 
 class LLMEngine:
@@ -71,7 +77,11 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
         context = min(config.max_model_len or min(cfg.max_position_embeddings, 32768), cfg.max_position_embeddings)
-        bytes_per_block = cfg.num_hidden_layers * cfg.latent_dim * model.dtype.itemsize * config.block_size
+        if config.speculative == "mtp" and not len(model.mtp):
+            raise RoutedError("--speculative mtp needs a checkpoint with an MTP module (num_nextn_predict_layers "
+                              "> 0) loaded with mtp=True")
+        layers = cfg.num_hidden_layers + len(model.mtp)
+        bytes_per_block = layers * cfg.latent_dim * model.dtype.itemsize * config.block_size
         by_memory = int(config.kv_cache_gb * 2**30 // bytes_per_block)
         by_seats = config.max_num_seqs * math.ceil(context / config.block_size)
         num_blocks = min(by_memory, by_seats)
@@ -82,10 +92,13 @@ class LLMEngine:
             log.warning("the latent cache holds %d tokens: max_model_len capped from %d", self.max_model_len, context)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, speculative=config.speculative == "mtp")
+        self.drafted = self.accepted = 0  # speculative decoding: drafts verified, drafts accepted
         self.routing = RoutingMonitor(model, config.routing_window_tokens, record_path=config.record_routing)
         for _, gate in model.gates():
             gate.counting = config.routing_telemetry
+        for layer in model.mtp:  # the monitor reads the main layers' routers only
+            layer.mlp.gate.counting = False
         self.requests: dict[str, Request] = {}
         self._text: dict[str, tuple[IncrementalDecoder, StopText]] = {}
         self._ids = itertools.count()
@@ -100,7 +113,8 @@ class LLMEngine:
         cls, path: str | Path, dtype: torch.dtype | str = torch.bfloat16, config: EngineConfig | None = None,
         progress: bool = True,
     ) -> LLMEngine:
-        model = load_model(path, resolve_dtype(dtype), progress=progress)
+        mtp = config is not None and config.speculative == "mtp"
+        model = load_model(path, resolve_dtype(dtype), progress=progress, mtp=mtp)
         return cls(model, Tokenizer.from_pretrained(path), config)
 
     # ---- requests -----------------------------------------------------------------------------------
@@ -146,6 +160,7 @@ class LLMEngine:
             waiting=len(self.scheduler.waiting), running=len(self.scheduler.running),
             num_blocks=self.blocks.num_blocks, free_blocks=self.blocks.num_free, cache_usage=self.blocks.usage,
             prefix_cache_hit_rate=self.blocks.hit_rate, preemptions=self.preemptions,
+            spec_drafted=self.drafted, spec_accepted=self.accepted,
         )
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -160,30 +175,42 @@ class LLMEngine:
         outputs = []
         for s in sched.seqs:
             req = s.request
-            req.num_computed += s.num_tokens
+            result = sampled.get(req.request_id)
+            req.num_computed += s.num_tokens + (1 if result is not None and result.accepted else 0)
             self.blocks.commit(req)
-            if s.samples:
-                outputs.append(self._append(req, sampled[req.request_id]))
+            if result is None:
+                continue
+            if result.accepted is not None:
+                self.drafted += 1
+                self.accepted += result.accepted
+            outputs.append(self._append(req, result))
         return outputs
 
     def _append(self, req: Request, sampled: Sampled) -> RequestOutput:
-        tok, params = sampled.token_id, req.params
+        """Append the step's token(s) one by one, stopping at the first that finishes the request."""
         decoder, stop_text = self._text[req.request_id]
-        req.output_ids.append(tok)
-        if (tok in self.eos_token_ids and not params.ignore_eos) or tok in params.stop_token_ids:
-            req.finish_reason, req.stop_reason = "stop", tok
-            text = stop_text.push(decoder.flush())[0] + stop_text.flush()
-        else:
-            text, hit = stop_text.push(decoder.push(tok))
+        params, new_ids, text = req.params, [], ""
+        for tok in sampled.token_ids:
+            req.output_ids.append(tok)
+            new_ids.append(tok)
+            if (tok in self.eos_token_ids and not params.ignore_eos) or tok in params.stop_token_ids:
+                req.finish_reason, req.stop_reason = "stop", tok
+                text += stop_text.push(decoder.flush())[0] + stop_text.flush()
+                break
+            delta, hit = stop_text.push(decoder.push(tok))
+            text += delta
             if hit is not None:
                 req.finish_reason, req.stop_reason = "stop", hit
-            elif len(req.output_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
+                break
+            if len(req.output_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
                 req.finish_reason = "length"
                 text += stop_text.push(decoder.flush())[0] + stop_text.flush()
+                break
+        req.draft = sampled.draft if req.finish_reason is None else None
         out = RequestOutput(
-            req.request_id, [tok], text, finished=req.finish_reason is not None, finish_reason=req.finish_reason,
+            req.request_id, new_ids, text, finished=req.finish_reason is not None, finish_reason=req.finish_reason,
             stop_reason=req.stop_reason, prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids),
-            cached_tokens=req.num_cached_tokens, logprobs=[sampled.logprob] if sampled.logprob else [],
+            cached_tokens=req.num_cached_tokens, logprobs=sampled.logprobs[: len(new_ids)],
         )
         if out.finished:
             self._finish(req)

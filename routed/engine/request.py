@@ -42,6 +42,7 @@ class Request:
     stop_reason: str | int | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    draft: int | None = None  # MTP's guess for the token after the last one, verified in the next step
 
     @property
     def num_tokens(self) -> int:

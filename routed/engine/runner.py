@@ -1,18 +1,24 @@
-"""SchedulerOutput -> batch tensors -> model -> sampled token ids (and logprobs).
+"""SchedulerOutput -> batch tensors -> model -> sampled token ids (and logprobs, and MTP drafts).
 
 All scheduled tokens of the step are flattened into one row, so dense and MoE layers run once over every
 token of every request (routed experts see all the step's tokens grouped by expert); attention runs per
 request over its own blocks (see `routed.model.attention.paged_attention`).
+
+Speculative decoding with MTP (greedy requests): a decoding request carries a draft d for the position after
+its last token; the step computes [last, d] and reads two sets of logits. If the first argmax equals d, d is
+accepted and the second argmax comes free (2 tokens); otherwise the first argmax is the one new token. Then
+the MTP module runs over the step's verified positions i (its own cache layer), fed the main hidden h_i and
+the token t_{i+1}; its output at the last position drafts the token after the new last one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from routed.engine.request import TokenLogprob
-from routed.engine.scheduler import SchedulerOutput
+from routed.engine.scheduler import ScheduledSeq, SchedulerOutput
 from routed.model.attention import PagedBatch
 from routed.model.deepseek_v3 import Transformer
 from routed.sampling import sample_one
@@ -20,14 +26,17 @@ from routed.sampling import sample_one
 
 @dataclass(slots=True)
 class Sampled:
-    token_id: int
-    logprob: TokenLogprob | None
+    token_ids: list[int]  # 1, or 2 when a draft was accepted
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    accepted: bool | None = None  # None: no draft was verified
+    draft: int | None = None  # the next draft, when speculating
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, speculative: bool = False) -> None:
         self.model = model
         self.block_size = block_size
+        self.speculative = speculative
         self.cache = model.new_cache(num_blocks * block_size)
         self.generators: dict[str, torch.Generator | None] = {}
 
@@ -41,31 +50,79 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> dict[str, Sampled]:
-        ids, positions, slots, bounds, key_slots, last = [], [], [], [], [], []
+        ids, positions, slots, bounds, key_slots, rows = [], [], [], [], [], []
         offset = 0
         for s in sched.seqs:
-            req, end = s.request, s.start + s.num_tokens
-            ids.extend(req.all_ids[s.start : end])
+            req = s.request
+            end = s.start + s.num_tokens + (s.draft is not None)
+            ids.extend(req.all_ids[s.start : s.start + s.num_tokens] + ([s.draft] if s.draft is not None else []))
             positions.append(torch.arange(s.start, end))
             slots.append(self._slots(req.block_table, s.start, end))
             key_slots.append(self._slots(req.block_table, 0, end))
-            bounds.append((offset, offset + s.num_tokens))
-            offset += s.num_tokens
-            if s.samples:
-                last.append(offset - 1)
+            bounds.append((offset, offset + end - s.start))
+            rows.append(offset)
+            offset += end - s.start
         batch = PagedBatch(self.cache, torch.cat(slots), bounds, key_slots)
         hidden = self.model.forward_hidden(torch.tensor([ids]), torch.cat(positions).unsqueeze(0), batch)
-        if not last:
-            return {}
-        logits = self.model.logits(hidden[0, last])
-        out: dict[str, Sampled] = {}
-        for row, s in enumerate(x for x in sched.seqs if x.samples):
-            req = s.request
-            if req.request_id not in self.generators:
-                self.generators[req.request_id] = req.params.generator()
-            token = sample_one(logits[row], req.params, req.output_ids, self.generators[req.request_id])
-            out[req.request_id] = Sampled(token, self._logprob(logits[row], token, req.params.logprobs))
+        out = {}
+        for s, first in zip(sched.seqs, rows):
+            if s.samples:
+                out[s.request.request_id] = self._sample(s, hidden[0, first + s.num_tokens - 1 :])
+        if self.speculative:
+            self._draft(sched, rows, hidden[0], out)
         return out
+
+    def _sample(self, s: ScheduledSeq, hidden_XD: torch.Tensor) -> Sampled:
+        """Sample the next token from the row after the request's last token; verify the draft if any."""
+        req = s.request
+        if req.request_id not in self.generators:
+            self.generators[req.request_id] = req.params.generator()
+        n_rows = 2 if s.draft is not None else 1
+        logits = self.model.logits(hidden_XD[:n_rows])
+        token = sample_one(logits[0], req.params, req.output_ids, self.generators[req.request_id])
+        result = Sampled([token], [lp] if (lp := self._logprob(logits[0], token, req.params.logprobs)) else [])
+        if s.draft is not None:
+            result.accepted = token == s.draft
+            if result.accepted:
+                bonus = sample_one(logits[1], req.params, req.output_ids + [token], self.generators[req.request_id])
+                result.token_ids.append(bonus)
+                if (lp := self._logprob(logits[1], bonus, req.params.logprobs)) is not None:
+                    result.logprobs.append(lp)
+        return result
+
+    def _draft(self, sched: SchedulerOutput, rows: list[int], hidden_ND: torch.Tensor,
+               out: dict[str, Sampled]) -> None:
+        """Run MTP over each sequence's verified positions; draft for greedy requests that sampled."""
+        h_rows, next_ids, positions, slots, bounds, key_slots, last = [], [], [], [], [], [], []
+        offset = 0
+        for s, first in zip(sched.seqs, rows):
+            req = s.request
+            if not req.params.greedy:  # only greedy requests are drafted for; others skip the MTP
+                continue
+            sampled = out.get(req.request_id)
+            tokens = req.all_ids + (sampled.token_ids if sampled else [])
+            valid = s.num_tokens + (1 if sampled is not None and sampled.accepted else 0)
+            stop = min(s.start + valid, len(tokens) - 1)  # position i needs t_{i+1}
+            if stop <= s.start:
+                continue
+            h_rows.extend(range(first, first + stop - s.start))
+            next_ids.extend(tokens[s.start + 1 : stop + 1])
+            positions.append(torch.arange(s.start, stop))
+            slots.append(self._slots(req.block_table, s.start, stop))
+            key_slots.append(self._slots(req.block_table, 0, stop))
+            bounds.append((offset, offset + stop - s.start))
+            offset += stop - s.start
+            if sampled is not None and stop == len(tokens) - 1:
+                last.append((req.request_id, offset - 1))
+        if not h_rows:
+            return
+        batch = PagedBatch(self.cache, torch.cat(slots), bounds, key_slots)
+        mtp_hidden = self.model.forward_mtp(hidden_ND[h_rows].unsqueeze(0), torch.tensor([next_ids]), 0,
+                                            torch.cat(positions).unsqueeze(0), batch)
+        if last:
+            drafts = self.model.logits(mtp_hidden[0, [row for _, row in last]]).argmax(-1).tolist()
+            for (request_id, _), draft in zip(last, drafts):
+                out[request_id].draft = draft
 
     @staticmethod
     def _logprob(logits_V: torch.Tensor, token: int, top_n: int | None) -> TokenLogprob | None:

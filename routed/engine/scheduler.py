@@ -23,6 +23,7 @@ class ScheduledSeq:
     start: int  # first position computed this step (= tokens already in the cache)
     num_tokens: int  # tokens computed this step
     samples: bool  # whether this chunk reaches the end of the request's tokens, so a token is sampled
+    draft: int | None = None  # a drafted token computed after the request's own tokens (speculative decoding)
 
 
 @dataclass(slots=True)
@@ -51,20 +52,20 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        scheduled: set[str] = set()
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed, budget)
-            while not self.blocks.allocate(req, n):
+            draft = req.draft if req.draft is not None and n == req.num_tokens - req.num_computed == 1 \
+                and budget >= 2 else None
+            while not self.blocks.allocate(req, n + (draft is not None)):
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is req:
                     break
             else:
-                out.seqs.append(ScheduledSeq(req, req.num_computed, n, req.num_computed + n == req.num_tokens))
-                scheduled.add(req.request_id)
-                budget -= n
+                out.seqs.append(ScheduledSeq(req, req.num_computed, n, req.num_computed + n == req.num_tokens, draft))
+                budget -= n + (draft is not None)
                 i += 1
                 continue
             break  # the request itself was preempted: nothing behind it can run either
@@ -88,6 +89,7 @@ class Scheduler:
         self.running.remove(req)
         self.blocks.release(req)
         req.status = Status.WAITING
+        req.draft = None
         req.num_preemptions += 1
         self.waiting.appendleft(req)
         out.preempted.append(req.request_id)

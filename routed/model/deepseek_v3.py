@@ -406,9 +406,9 @@ class Transformer(nn.Module):
         return self.logits(self.forward_hidden(input_ids_BT))
 
     def new_cache(self, num_slots: int) -> torch.Tensor:
-        """An empty paged latent cache: [num_layers, num_slots, kv_lora_rank + qk_rope_head_dim]."""
+        """An empty paged latent cache: [layers (+ MTP layers), num_slots, kv_lora_rank + qk_rope_head_dim]."""
         cfg = self.config
-        return torch.zeros(cfg.num_hidden_layers, num_slots, cfg.latent_dim, dtype=self.dtype,
+        return torch.zeros(cfg.num_hidden_layers + len(self.mtp), num_slots, cfg.latent_dim, dtype=self.dtype,
                            device=self.model.embed_tokens.weight.device)
 
     def forward_mtp(

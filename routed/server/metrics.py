@@ -38,6 +38,8 @@ class Metrics:
             ("routed_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens",
              "prefix_cache_hit_rate"),
             ("routed_preemptions", "Requests preempted (recomputed later) since start", "preemptions"),
+            ("routed_spec_drafted", "MTP drafts verified since start (--speculative mtp)", "spec_drafted"),
+            ("routed_spec_acceptance_rate", "Fraction of MTP drafts accepted since start", "spec_acceptance_rate"),
         ):
             Gauge(name, doc, registry=r).set_function(lambda field=field: stat(field))
 
