@@ -1,6 +1,8 @@
 """Checkpoint folder (safetensors, memory-mapped) -> Transformer parameters.
 
 * Files: `model.safetensors`, or shards listed in `model.safetensors.index.json`. Never a pickle (`.bin`, `.pt`).
+  A tensor already in the target dtype is read straight from the file into its parameter (no mmap, no
+  intermediate copy), so peak memory stays near the weight bytes; others are converted through safetensors.
 * Names: the model's parameter names are the checkpoint's, through one table (`checkpoint_table`) with the
   two restructurings written as data: stacked routed experts and MTP layers at `mtp.{k}`.
 * FP8 (`weight_scale_inv` siblings): dequantised at load, block by block in fp32, rounded once to the target
@@ -45,6 +47,22 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype code: BF16, F32, F8_E4M3, ...
+    offset: int = 0  # absolute byte offset of the data in the file
+    nbytes: int = 0
+
+
+_TORCH_CODES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16", torch.int8: "I8",
+                torch.uint8: "U8", torch.int64: "I64", torch.int32: "I32"}
+
+
+def _data_offsets(file: Path) -> dict[str, tuple[int, int]]:
+    """name -> (absolute start, length) from the safetensors header (8-byte size, then JSON)."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    base = 8 + size
+    return {name: (base + meta["data_offsets"][0], meta["data_offsets"][1] - meta["data_offsets"][0])
+            for name, meta in header.items() if name != "__metadata__"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -89,10 +107,11 @@ def scan_checkpoint(path: str | Path) -> dict[str, TensorInfo]:
             raise RoutedError(f"{file}: listed in the index but missing")
         try:
             with safe_open(file, framework="pt") as f:
+                offsets = _data_offsets(file)
                 for name in f.keys():
                     sl = f.get_slice(name)
-                    infos[name] = TensorInfo(file, tuple(sl.get_shape()), sl.get_dtype())
-        except (SafetensorError, OSError, ValueError) as e:
+                    infos[name] = TensorInfo(file, tuple(sl.get_shape()), sl.get_dtype(), *offsets[name])
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
             raise RoutedError(f"{file}: not a readable safetensors file ({e})") from None
     return infos
 
@@ -159,12 +178,17 @@ def load_model(
         by_file.setdefault(infos[name].file, []).append(name)
     with progress_bar(f"loading {folder.name}", total=len(table), enabled=progress) as advance:
         for file, names in by_file.items():
-            with safe_open(file, framework="pt") as f:
+            with safe_open(file, framework="pt") as f, open(file, "rb", buffering=0) as raw:
                 for name in names:
                     target = table[name]
                     dest = state[target.key] if target.expert is None else state[target.key][target.expert]
+                    info = infos[name]
                     with torch.no_grad():
-                        dest.copy_(_read(f, name, infos, cfg))
+                        if _TORCH_CODES.get(dest.dtype) == info.dtype and dest.is_contiguous() \
+                                and dest.numel() * dest.element_size() == info.nbytes:
+                            _read_into(raw, info, dest)  # straight from the file: no second copy in memory
+                        else:
+                            dest.copy_(_read(f, name, infos, cfg))  # dtype change or FP8: convert
                     advance()
     for module in model.modules():
         if isinstance(module, Gate):
@@ -178,6 +202,18 @@ def load_model(
     finalize_model(model)
     model.eval()
     return model
+
+
+def _read_into(raw, info: TensorInfo, dest: torch.Tensor) -> None:  # noqa: ANN001
+    """Read a tensor's bytes from the open file directly into its destination's memory."""
+    raw.seek(info.offset)
+    view = memoryview(dest.view(torch.uint8).reshape(-1).numpy())
+    done = 0
+    while done < info.nbytes:
+        n = raw.readinto(view[done:])
+        if not n:
+            raise RoutedError(f"{info.file}: truncated (tensor data ends early)")
+        done += n
 
 
 def _read(f: safe_open, name: str, infos: dict[str, TensorInfo], cfg: ModelConfig) -> torch.Tensor:
