@@ -125,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         record_routing=args.record_routing, speculative=args.speculative,
     )
     serve(args.model, args.host, args.port, args.api_key or os.environ.get("ROUTED_API_KEY"), args.dtype,
-          engine_config, args.served_model_name, args.max_body_bytes, args.drain_timeout)
+          engine_config, args.served_model_name, args.max_body_bytes, args.drain_timeout, args.price_per_hour)
     return 0
 
 
@@ -351,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write routing counts over time to FILE (safetensors) for `routed stats --recording`")
     s.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
                    help="largest request body accepted; larger gets 413 (default 1 MiB)")
+    s.add_argument("--price-per-hour", type=float, default=0.10,
+                   help="machine price for the $/Mtok gauges (default 0.10: a 2-vCPU cloud VM, on-demand)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
     s.set_defaults(func=cmd_serve)

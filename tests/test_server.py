@@ -279,3 +279,21 @@ def test_binds_loopback_by_default() -> None:
 
     args = build_parser().parse_args(["serve", "--model", "x"])
     assert args.host == "127.0.0.1" and os.environ.get("ROUTED_API_KEY") is None
+
+
+def test_cost_gauges_follow_measured_throughput(server: Server) -> None:
+    server.client().completions.create(model="tiny", prompt="cost me", max_tokens=6, temperature=0)
+    assert server.metric("routed_price_per_hour_usd") == pytest.approx(0.10)
+    out, inp = server.metric("routed_cost_usd_per_mtok_output"), server.metric("routed_cost_usd_per_mtok_input")
+    assert out > 0 and inp > 0
+
+
+def test_cost_per_mtok_arithmetic() -> None:
+    from routed.engine.async_engine import AsyncEngine
+    from routed.server.metrics import Metrics
+
+    metrics = Metrics(AsyncEngine(lambda: None), price_per_hour=3.6)  # $0.001 per second
+    now = time.monotonic()
+    metrics._finished.extend([(now - 10, 500, 1000), (now, 500, 1000)])  # 1000 prompt, 2000 generated in 10 s
+    inp, out = metrics.cost_per_mtok()
+    assert inp == pytest.approx(0.001 / 100 * 1e6, rel=0.01) and out == pytest.approx(0.001 / 200 * 1e6, rel=0.01)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -15,7 +17,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class Metrics:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, price_per_hour: float = 0.10, cost_window_s: float = 300.0) -> None:
+        self.price_per_hour, self.cost_window_s = price_per_hour, cost_window_s
+        self._finished: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated tokens)
         self.registry = r = CollectorRegistry()
         self.requests = Counter("routed_requests", "Finished HTTP generation requests by status", ["status"],
                                 registry=r)
@@ -43,16 +47,38 @@ class Metrics:
         ):
             Gauge(name, doc, registry=r).set_function(lambda field=field: stat(field))
 
+        Gauge("routed_price_per_hour_usd", "Stated price of this machine per hour (--price-per-hour)",
+              registry=r).set(price_per_hour)
+        Gauge("routed_cost_usd_per_mtok_output", "Price per million generated tokens at the measured "
+              "generation throughput of the last cost window (0 while idle)",
+              registry=r).set_function(lambda: self.cost_per_mtok()[1])
+        Gauge("routed_cost_usd_per_mtok_input", "Price per million prompt tokens at the measured prompt "
+              "throughput of the last cost window (0 while idle)",
+              registry=r).set_function(lambda: self.cost_per_mtok()[0])
         r.register(RoutingCollector(engine))
 
     def observe(self, out: RequestOutput, submitted: float, first: float | None, finished: float) -> None:
         """Called by the engine thread when a request finishes."""
+        self._finished.append((finished, out.prompt_tokens, out.completion_tokens))
         self.prompt_tokens.inc(out.prompt_tokens)
         self.generation_tokens.inc(out.completion_tokens)
         if first is not None:
             self.ttft.observe(first - submitted)
             if out.completion_tokens > 1:
                 self.tpot.observe((finished - first) / (out.completion_tokens - 1))
+
+    def cost_per_mtok(self) -> tuple[float, float]:
+        """($ per million input tokens, $ per million output tokens) over the last cost window."""
+        now = time.monotonic()
+        while self._finished and self._finished[0][0] < now - self.cost_window_s:
+            self._finished.popleft()
+        records = list(self._finished)
+        if not records:
+            return 0.0, 0.0
+        span = max(now - records[0][0], 1.0) if len(records) > 1 else self.cost_window_s
+        per_s = self.price_per_hour / 3600
+        prompt, generated = sum(r[1] for r in records) / span, sum(r[2] for r in records) / span
+        return (per_s / prompt * 1e6 if prompt else 0.0), (per_s / generated * 1e6 if generated else 0.0)
 
 
 class RoutingCollector(Collector):

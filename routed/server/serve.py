@@ -41,12 +41,13 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(model: str | Path, host: str, port: int, api_key: str | None, dtype: str, engine_config: EngineConfig,
-          served_model_name: str | None, max_body_bytes: int, drain_timeout: float) -> None:
+          served_model_name: str | None, max_body_bytes: int, drain_timeout: float,
+          price_per_hour: float = 0.10) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = Path(model)
     engine = AsyncEngine(lambda: LLMEngine.from_pretrained(path, dtype, engine_config, progress=False),
                          max_waiting=engine_config.max_waiting)
-    metrics = Metrics(engine)
+    metrics = Metrics(engine, price_per_hour)
     engine.on_finish = metrics.observe
     app = create_app(engine, metrics, served_model_name or path.name, api_key, max_body_bytes)
     engine.start()
