@@ -99,9 +99,9 @@ def _decode(engine: LLMEngine, batch: int, gen_len: int, rng: random.Random) -> 
 
 def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: tuple[int, ...] = (1, 8, 16),
           quant: str | None = None, dtype: str = "bf16", repeats: int = 3, price_per_hour: float = 0.10,
-          compare_transformers: bool = False, progress: bool = True) -> dict[str, Any]:
+          compare_transformers: bool = False, progress: bool = True, max_ram_gb: float | None = None) -> dict[str, Any]:
     start = time.perf_counter()
-    model = load_model(path, dtype, progress=progress, quant=quant)
+    model = load_model(path, dtype, progress=progress, quant=quant, max_ram_gb=max_ram_gb)
     load_s = time.perf_counter() - start
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     tok = Tokenizer.from_pretrained(path)
@@ -121,19 +121,29 @@ def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: 
                      statistics.median(prefill), **_median(prefill)})
         for b in batches:
             rates = []
+            store = getattr(model, "expert_store", None)
+            before = (store.stats.hits, store.stats.misses, store.stats.bytes_read) if store else None
             for _ in range(repeats):
                 rates.append(_decode(engine, b, gen_len, rng))
                 advance()
+            offload = {}
+            if store is not None:  # per decoded token, over this batch size's runs
+                hits, misses, read = (a - b0 for a, b0 in zip(
+                    (store.stats.hits, store.stats.misses, store.stats.bytes_read), before))
+                tokens = repeats * b * gen_len
+                offload = {"offload_hit_rate": hits / max(hits + misses, 1),
+                           "offload_bytes_read_per_token": read / tokens}
             step_bytes = bytes_per_decode_step(model, b)
             floor = bandwidth * 1e9 / step_bytes * b  # tokens/s if every step only streamed its weights
             runs.append({"kind": "decode", "batch": b, "context": 16 + gen_len // 2,
                          "tokens_per_second": statistics.median(rates), **_median(rates),
                          "weight_bytes_per_step": step_bytes, "bandwidth_floor_tok_s": floor,
-                         "fraction_of_floor": statistics.median(rates) / floor})
+                         "fraction_of_floor": statistics.median(rates) / floor, **offload})
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out: dict[str, Any] = {
         "model": {"path": str(path), "config": json.loads((Path(path) / "config.json").read_text())},
-        "dtype": dtype, "quant": quant, "threads": torch.get_num_threads(), "load_seconds": load_s,
+        "dtype": dtype, "quant": quant, "max_ram_gb": max_ram_gb, "threads": torch.get_num_threads(),
+        "load_seconds": load_s,
         "weight_bytes": weight_bytes, "peak_rss_bytes": peak_rss, "memory_bandwidth_gbs": bandwidth,
         "runs": runs,
     }

@@ -35,7 +35,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     from routed.config import EngineConfig
 
-    llm = LLM(args.model, dtype=args.dtype, engine_config=EngineConfig(speculative=args.speculative),
+    llm = LLM(args.model, dtype=args.dtype, engine_config=EngineConfig(speculative=args.speculative,
+                                                                       max_ram_gb=args.max_ram),
               progress=not args.json)
     load_seconds = time.perf_counter() - t0
     if args.chat:
@@ -122,7 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
         enable_prefix_caching=not args.no_prefix_caching, routing_window_tokens=args.routing_window,
-        record_routing=args.record_routing, speculative=args.speculative,
+        record_routing=args.record_routing, speculative=args.speculative, max_ram_gb=args.max_ram,
     )
     serve(args.model, args.host, args.port, args.api_key or os.environ.get("ROUTED_API_KEY"), args.dtype,
           engine_config, args.served_model_name, args.max_body_bytes, args.drain_timeout, args.price_per_hour)
@@ -243,7 +244,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     result = bench(args.model, args.prompt_len, args.gen_len, batches, args.quant, args.dtype, args.repeats,
-                   args.price_per_hour, args.compare_transformers, progress=not args.json)
+                   args.price_per_hour, args.compare_transformers, progress=not args.json, max_ram_gb=args.max_ram)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -260,6 +261,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for r in result["runs"]:
         name = f"prefill {r['prompt_len']}" if r["kind"] == "prefill" else f"decode batch {r['batch']}"
         floor = r.get("bandwidth_floor_tok_s")
+        if "offload_hit_rate" in r:
+            name += f" (offload hits {r['offload_hit_rate']:.0%}, {r['offload_bytes_read_per_token'] / 1e6:.1f} MB/token)"
         table.add_row(name, f"{r['tokens_per_second']:.1f}", f"{r['spread']:.1f}",
                       f"{r['weight_bytes_per_step'] / 1e6:.0f}" if floor else "",
                       f"{floor:.1f}" if floor else "", f"{r['fraction_of_floor']:.0%}" if floor else "")
@@ -312,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop when TEXT appears (repeatable)")
     g.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weight dtype (default bf16)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    g.add_argument("--max-ram", type=float, default=None, metavar="GB",
+                   help="keep routed experts beyond this budget on disk behind an LRU cache")
     g.add_argument("--speculative", choices=["mtp"], default=None,
                    help="draft with the MTP module and verify in the same step (greedy: same output, faster)")
     g.add_argument("--json", action="store_true",
@@ -343,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting", type=_positive_int, default=256,
                    help="queued requests beyond which new ones get 429 (default 256)")
     s.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
+    s.add_argument("--max-ram", type=float, default=None, metavar="GB",
+                   help="keep routed experts beyond this budget on disk behind an LRU cache")
     s.add_argument("--speculative", choices=["mtp"], default=None,
                    help="draft one token per step with the checkpoint's MTP module (greedy requests)")
     s.add_argument("--routing-window", type=_positive_int, default=4096,
@@ -411,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="machine price for $/Mtok (default 0.10: a 2-vCPU cloud VM, on-demand, 2025 list prices)")
     b.add_argument("--compare-transformers", action="store_true", help="also time transformers, same checkpoint")
     b.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
+    b.add_argument("--max-ram", type=float, default=None, metavar="GB",
+                   help="keep routed experts beyond this budget on disk behind an LRU cache")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

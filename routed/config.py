@@ -336,6 +336,7 @@ class EngineConfig:
     routing_window_tokens: int = 4096  # sliding window of the routing telemetry
     record_routing: str | None = None  # safetensors file the routing counts over time are written to
     speculative: str | None = None  # "mtp": draft one token with the MTP module, verify it in the same step
+    max_ram_gb: float | None = None  # weights beyond this stay on disk: routed experts behind an LRU cache
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting", "routing_window_tokens"):

@@ -39,6 +39,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.floa
 _EXPERTS = re.compile(
     r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)(?:_(?P<kind>qweight|scales_zeros|scales))?$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT_TENSOR = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.")
 _MTP_DUPLICATES = (".embed_tokens.weight", ".shared_head.head.weight")
 
 
@@ -146,12 +147,13 @@ def is_skipped(name: str, cfg: ModelConfig, with_mtp: bool) -> bool:
 
 def load_model(
     path: str | Path, dtype: torch.dtype | str = torch.bfloat16, *, mtp: bool = False, progress: bool = True,
-    quant: str | None = None,
+    quant: str | None = None, max_ram_gb: float | None = None,
 ) -> Transformer:
     """Load a DeepSeek-V3-family checkpoint folder into a Transformer in eval mode.
 
     `quant="int8"|"int4"` quantizes a float checkpoint's linear weights after loading (see routed.quant);
-    a checkpoint written by `routed quantize` loads quantized as it is.
+    a checkpoint written by `routed quantize` loads quantized as it is. `max_ram_gb` below the model's size
+    keeps the routed experts that do not fit on disk, read on demand through an LRU cache (routed.offload).
     """
     folder = Path(path)
     dtype = resolve_dtype(dtype)
@@ -163,6 +165,7 @@ def load_model(
         model = Transformer(cfg, dtype=dtype, with_mtp=mtp)
         if cfg.int_quant:
             quantize_model(model, IntFormat(*cfg.int_quant), from_weights=False)
+    offloaded = _plan_offload(model, folder, infos, cfg, dtype, max_ram_gb, quant) if max_ram_gb else False
     model.to_empty(device="cpu")
     table = checkpoint_table(model)
     state = model.state_dict(keep_vars=True)
@@ -172,7 +175,7 @@ def load_model(
                     "trained model", folder, len(absent_bias))
         for name in absent_bias:
             state[table.pop(name).key].zero_()
-    _check_names(table, infos, cfg, mtp, folder)
+    _check_names(table, infos, cfg, mtp, folder, offloaded)
     by_file: dict[Path, list[str]] = {}
     for name in table:
         by_file.setdefault(infos[name].file, []).append(name)
@@ -236,8 +239,50 @@ def _read(f: safe_open, name: str, infos: dict[str, TensorInfo], cfg: ModelConfi
         raise RoutedError(f"{scale_name}: {e}") from None
 
 
+def _plan_offload(model: Transformer, folder: Path, infos: dict[str, TensorInfo], cfg: ModelConfig,
+                  dtype: torch.dtype, max_ram_gb: float, quant: str | None) -> bool:
+    """Offload the routed experts behind an LRU cache if the weights exceed `max_ram_gb`; True if so."""
+    from routed.model.experts import RoutedExperts
+    from routed.offload import ExpertStore
+
+    if quant or cfg.int_quant:
+        raise RoutedError("--max-ram (expert offload) works on float checkpoints; drop the quantization")
+    experts = [(name, m) for name, m in model.named_modules() if isinstance(m, RoutedExperts)]
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    expert_bytes = sum(t.numel() for _, m in experts for t in m.parameters()) * itemsize
+    other_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values()) - expert_bytes
+    budget = int(max_ram_gb * 1e9) - other_bytes
+    if budget >= expert_bytes:
+        return False
+    if budget <= 0:
+        raise RoutedError(f"--max-ram {max_ram_gb} GB cannot hold even the non-expert weights "
+                          f"({other_bytes / 1e9:.2f} GB)")
+
+    def read(name: str) -> torch.Tensor:
+        info = infos.get(name)
+        if info is None:
+            raise RoutedError(f"{folder}: tensor {name} is missing")
+        if _TORCH_CODES.get(dtype) == info.dtype:
+            out = torch.empty(info.shape, dtype=dtype)
+            with open(info.file, "rb", buffering=0) as raw:
+                _read_into(raw, info, out)
+            return out
+        with safe_open(info.file, framework="pt") as f:
+            return _read(f, name, infos, cfg).to(dtype)
+
+    store = ExpertStore(budget, read)
+    for name, module in experts:
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        prefix = name if layer >= 0 else name.replace("mtp.", f"model.layers.{cfg.num_hidden_layers}.", 1)
+        module.offload_(store, layer, prefix)
+    model.expert_store = store
+    log.info("offloading routed experts: %.2f GB on disk, LRU cache of %.2f GB", expert_bytes / 1e9, budget / 1e9)
+    return True
+
+
 def _check_names(
-    table: dict[str, Target], infos: dict[str, TensorInfo], cfg: ModelConfig, mtp: bool, folder: Path
+    table: dict[str, Target], infos: dict[str, TensorInfo], cfg: ModelConfig, mtp: bool, folder: Path,
+    offloaded: bool = False,
 ) -> None:
     missing = sorted(n for n in table if n not in infos)
     if missing:
@@ -247,6 +292,7 @@ def _check_names(
     unexpected = sorted(
         n for n in infos
         if n not in table and not n.endswith("_scale_inv") and not is_skipped(n, cfg, mtp)
+        and not (offloaded and _EXPERT_TENSOR.match(n))
     )
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""

@@ -114,7 +114,8 @@ class LLMEngine:
         progress: bool = True,
     ) -> LLMEngine:
         mtp = config is not None and config.speculative == "mtp"
-        model = load_model(path, resolve_dtype(dtype), progress=progress, mtp=mtp)
+        model = load_model(path, resolve_dtype(dtype), progress=progress, mtp=mtp,
+                           max_ram_gb=config.max_ram_gb if config else None)
         return cls(model, Tokenizer.from_pretrained(path), config)
 
     # ---- requests -----------------------------------------------------------------------------------

@@ -33,6 +33,15 @@ class RoutedExperts(nn.Module):
 
         self.fmt: IntFormat | None = None
         self._packed: dict[str, list[torch.Tensor]] = {}
+        self.store = None  # an ExpertStore when the experts are offloaded (routed.offload)
+        self.store_key: tuple[int, str] = (0, "")  # (layer, checkpoint name prefix) for the store
+
+    def offload_(self, store: object, layer: int, prefix: str) -> None:
+        """Drop the stacked weights; fetch each expert from `store` when a token is routed to it."""
+        for name in PROJS:
+            delattr(self, name)
+            self.register_buffer(name, torch.empty(0), persistent=False)
+        self.store, self.store_key = store, (layer, prefix)
 
     def quantize_(self, fmt: IntFormat, from_weights: bool = True) -> None:
         """Replace the stacked float weights with int8/int4 buffers (`{proj}_qweight` [E, N, K] int8 or
@@ -67,6 +76,9 @@ class RoutedExperts(nn.Module):
             setattr(self, f"{name}_qweight", torch.empty(0, dtype=torch.uint8))
 
     def _proj(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.store is not None:
+            weights = self.store.get(self.store_key[0], e, self.store_key[1])
+            return F.linear(x, weights[PROJS.index(name)])
         if self.fmt is None:
             return F.linear(x, getattr(self, name)[e])
         if self.fmt.bits == 8:
