@@ -129,7 +129,9 @@ def measure(path: Path, repeats: int, seed: int = 0) -> list[dict[str, Any]]:
     After the timed repeats of each kind, one more untimed run with hooks counts the distinct experts each
     MoE layer ran per step: the random router is far from uniform, and the planner can use the measurement.
     """
-    engine = EngineConfig(max_num_seqs=16, max_num_batched_tokens=512, kv_cache_gb=0.5, enable_prefix_caching=False)
+    # as `routed bench` runs the engine: no prefix caching, no routing telemetry
+    engine = EngineConfig(max_num_seqs=16, max_num_batched_tokens=512, kv_cache_gb=0.5, enable_prefix_caching=False,
+                          routing_telemetry=False)
     llm = LLM(path, dtype="bf16", engine_config=engine, progress=False)
     vocab = llm.model.config.vocab_size
     rng = random.Random(seed)
@@ -198,10 +200,13 @@ def bench_preset(preset: str, out: Path, repeats: int, workdir: Path) -> Path:
 def report(files: dict[str, Path], calibrate_on: str, hardware: str) -> str:
     """Fit on one preset's bench file, predict every preset's runs; a Markdown table."""
     from routed.planner.calibrate import calibrate, load_bench
-    from routed.planner.hardware import get_hardware, local_hardware
+    from routed.planner.hardware import get_hardware, hardware_from_dict, local_hardware
 
     benches = {preset: load_bench(file) for preset, file in files.items()}
-    if hardware == "local":  # probed at the benches' thread count (re-measured just before them, and cached)
+    recorded = json.loads(files[calibrate_on].read_text()).get("local_hardware")
+    if hardware == "local" and recorded:  # the probe taken just before the fitted shape's runs
+        hw = hardware_from_dict(recorded, str(files[calibrate_on]))
+    elif hardware == "local":
         hw = local_hardware(threads=benches[calibrate_on].threads)
     else:
         hw = get_hardware(hardware)

@@ -144,11 +144,11 @@ def test_decode_bytes_at_batch_one_are_the_active_weights() -> None:
 
 def test_engine_ops_follow_the_measured_counts() -> None:
     cfg = ModelConfig.from_dict(PRESETS["small"])  # 8 layers, 7 of them MoE, top-6
-    assert engine_ops(8, 1, 42, prefill=False) == 76 + 8 * (120 + 27) + 16 * 42  # counted: 1,932 aten ops
+    assert engine_ops(8, 1, 42, prefill=False) == 81 + 8 * (123 + 27) + 14 * 42  # counted: 1,801 aten ops
     w = step_work(cfg, "bf16", Parallelism(), "decode", 4, 80, experts_touched=15.0)
-    assert w.ops == 76 + 8 * (120 + 27 * 4) + 16 * 7 * 15
+    assert w.ops == 81 + 8 * (123 + 27 * 4) + 14 * 7 * 15
     w = step_work(cfg, "bf16", Parallelism(), "prefill", 1, 0, new_tokens=256, attention="absorb", experts_touched=30)
-    assert w.ops == 76 + 8 * (120 + 27) + (16 + 9) * 7 * 30
+    assert w.ops == 81 + 8 * (123 + 27) + (14 + 9) * 7 * 30
     assert w.experts_touched == 30
 
 
@@ -209,6 +209,11 @@ def test_bad_bench_files_are_refused(tmp_path: Path) -> None:
         load_bench(tmp_path / "missing.json")
     with pytest.raises(RoutedError, match="`kind` must be decode or prefill"):
         bench_from_dict({"model": {"config": PRESETS["tiny"]}, "runs": [{"kind": "train"}]})
+    with pytest.raises(RoutedError, match="offloaded"):
+        bench_from_dict({"model": {"config": PRESETS["tiny"]}, "max_ram_gb": 1.0,
+                         "runs": [{"kind": "decode", "batch": 1, "context": 8, "tokens_per_second": 3.0}]})
+    assert bench_from_dict({"model": {"config": PRESETS["tiny"]}, "quant": "int8",
+                            "runs": [{"kind": "decode", "batch": 1, "context": 8, "tokens_per_second": 3.0}]}).fmt == "int8"
     with pytest.raises(RoutedError, match="`context` must be a positive number"):
         bench_from_dict({"model": {"config": PRESETS["tiny"]},
                          "runs": [{"kind": "decode", "batch": 1, "tokens_per_second": 3.0}]})

@@ -8,7 +8,9 @@ Bench file schema (one JSON object; extra fields are ignored):
 
 A decode run's rate counts generated tokens over decode time at `batch` sequences attending `context` cached
 tokens; a prefill run's counts prompt tokens over the prefill step of `batch` prompts of `prompt_len`.
-The runs are routed's own: one device, bf16 weights, absorbed attention in prefill and decode. A run may
+The runs are routed's own: one device, absorbed attention in prefill and decode, bf16 weights or the
+format named by `quant` (int8/int4/fp8 as memory.py sizes them); benches with offloaded experts
+(`max_ram_gb`) are refused. A run may
 carry `experts_touched` (distinct experts per MoE layer per step, measured); the planner then reads that
 many experts instead of the uniform-routing expectation — random checkpoints route far from uniformly.
 
@@ -33,7 +35,7 @@ from typing import Any, Callable, Sequence
 from routed.config import ModelConfig
 from routed.errors import RoutedError
 from routed.planner.hardware import Hardware
-from routed.planner.memory import Parallelism
+from routed.planner.memory import WEIGHT_FORMATS, Parallelism
 from routed.planner.roofline import Efficiency, StepWork, step_time, step_work
 
 OVERHEAD_GAIN = 0.9  # keep the overhead term only if it brings the RMS log error below 90% of the fit without
@@ -60,7 +62,7 @@ class BenchRun:
 class Bench:
     name: str
     config: ModelConfig
-    dtype: str
+    fmt: str  # weight format in memory: bf16, or the bench's `quant`
     threads: int | None
     runs: tuple[BenchRun, ...]
 
@@ -96,6 +98,12 @@ def bench_from_dict(raw: Any, source: str = "<bench>") -> Bench:
     dtype = raw.get("dtype", "bf16")
     if dtype not in ("bf16", "bfloat16"):
         raise RoutedError(f"{source}: dtype {dtype!r}; calibration reads bf16 benches only")
+    fmt = raw.get("quant") or "bf16"
+    if fmt not in WEIGHT_FORMATS:
+        raise RoutedError(f"{source}: quant {fmt!r}; the planner knows {', '.join(WEIGHT_FORMATS)}")
+    if raw.get("max_ram_gb"):
+        raise RoutedError(f"{source}: measured with experts offloaded (max_ram_gb); the planner does not model "
+                          "reading experts from disk, so it cannot calibrate on it")
     runs_raw = raw.get("runs")
     if not isinstance(runs_raw, list) or not runs_raw:
         raise RoutedError(f"{source}: `runs` must be a non-empty list")
@@ -116,15 +124,15 @@ def bench_from_dict(raw: Any, source: str = "<bench>") -> Bench:
                              int(r.get("context", 0)), int(r.get("prompt_len", 0)),
                              None if touched is None else float(touched)))
     name = raw["model"].get("preset") or Path(source).stem
-    return Bench(str(name), cfg, "bf16", raw.get("threads"), tuple(runs))
+    return Bench(str(name), cfg, fmt, raw.get("threads"), tuple(runs))
 
 
-def run_work(cfg: ModelConfig, run: BenchRun) -> StepWork:
-    """What routed does for one bench run: one device, bf16 weights, absorbed attention."""
+def run_work(cfg: ModelConfig, run: BenchRun, fmt: str = "bf16") -> StepWork:
+    """What routed does for one bench run: one device, absorbed attention, weights in `fmt`."""
     if run.kind == "decode":
-        return step_work(cfg, "bf16", Parallelism(), "decode", run.batch, run.context,
+        return step_work(cfg, fmt, Parallelism(), "decode", run.batch, run.context,
                          experts_touched=run.experts_touched)
-    return step_work(cfg, "bf16", Parallelism(), "prefill", run.batch, 0, new_tokens=run.prompt_len,
+    return step_work(cfg, fmt, Parallelism(), "prefill", run.batch, 0, new_tokens=run.prompt_len,
                      attention="absorb", experts_touched=run.experts_touched)
 
 
@@ -132,7 +140,7 @@ def predict(benches: Sequence[Bench], hw: Hardware, eff: Efficiency) -> list[Pre
     rows = []
     for bench in benches:
         for run in bench.runs:
-            t = step_time(run_work(bench.config, run), hw, eff)
+            t = step_time(run_work(bench.config, run, bench.fmt), hw, eff)
             rows.append(PredictionRow(bench.name, run.label, run.tokens_per_second, t.tokens_per_second, t.bound))
     return rows
 
@@ -160,7 +168,7 @@ class Calibration:
 def calibrate(benches: Sequence[Bench], hw: Hardware, base: Efficiency | None = None) -> Calibration:
     """Fit η_mem, η_compute (and an overhead if it earns its place) to every run of `benches` on `hw`."""
     base = base or Efficiency()
-    pairs = [(run_work(b.config, r), r.tokens_per_second) for b in benches for r in b.runs]
+    pairs = [(run_work(b.config, r, b.fmt), r.tokens_per_second) for b in benches for r in b.runs]
     if not pairs:
         raise RoutedError("no bench runs to calibrate on")
 

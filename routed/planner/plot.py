@@ -26,7 +26,7 @@ def plot_sweep(plan: Plan, sweep: list[tuple[int, StepTime]], path: str | Path) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
     req = plan.request
     batches = [b for b, _ in sweep]
@@ -49,7 +49,12 @@ def plot_sweep(plan: Plan, sweep: list[tuple[int, StepTime]], path: str | Path) 
     if any(t.comm_s > 0 for _, t in sweep):
         top.plot(batches, [_ceiling(t, t.comm_s) for _, t in sweep], "--", color="#2ca02c", lw=1.2,
                  label="interconnect ceiling (all-to-all bytes / link)")
-    top.plot(batches, tps, "-o", color="black", ms=3, lw=2, label="predicted decode tokens/s per device")
+    if any(t.overhead_s > 0 for _, t in sweep):
+        top.plot(batches, [_ceiling(t, t.overhead_s) for _, t in sweep], "--", color="#7f7f7f", lw=1.2,
+                 label="engine-overhead ceiling (ops x t_op)")
+    how = ("max(memory, compute) per kernel + interconnect" if req.hardware.overlap_memory_compute
+           else "memory + compute + overhead")
+    top.plot(batches, tps, "-o", color="black", ms=3, lw=2, label=f"predicted tokens/s per device ({how})")
     top.set_yscale("log")
     top.set_ylabel("decode tokens/s per device")
     low, high = min(tps), max(tps)
@@ -67,15 +72,17 @@ def plot_sweep(plan: Plan, sweep: list[tuple[int, StepTime]], path: str | Path) 
         ax.axvline(plan.batch, color="black", lw=1, ls=":")
         ax.axvline(plan.fit.max_batch(req.context), color="#d62728", lw=1, ls="-.")
         ax.grid(True, which="major", alpha=0.3)
-    top.text(plan.batch, high * 20, f" plan: batch {plan.batch}", fontsize=8, va="top")
-    top.text(plan.fit.max_batch(req.context), low / 2.5, " cache full ", fontsize=8, color="#d62728",
-             ha="right", va="bottom")
+    top.text(plan.batch, low / 2.8, f"plan: batch {plan.batch} ", fontsize=8, rotation=90, ha="right",
+             va="bottom")
+    top.text(plan.fit.max_batch(req.context), low / 2.8, f" cache full: {plan.fit.max_batch(req.context)}",
+             fontsize=8, color="#d62728", rotation=90, ha="left", va="bottom")
     bottom.set_xscale("log", base=2)
     bottom.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     top.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:,.0f}" if y >= 1 else f"{y:g}"))
     if plan.price_per_hour is not None:
-        bottom.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"${y:,.2f}" if y < 100 else f"${y:,.0f}"))
-        bottom.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
+        bottom.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        bottom.yaxis.set_minor_locator(NullLocator())
+        bottom.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"${y:,.3g}"))
     bottom.set_xlabel(f"decode batch (sequences per device) at context {req.context}")
     par = req.parallelism
     top.set_title(f"{req.model_name} on {plan.request.hardware.name}, {plan.fmt} weights, "

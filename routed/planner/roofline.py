@@ -33,11 +33,11 @@ decode-sized GEMMs measure as load time plus math time; `Hardware.overlap_memory
 
 Engine ops (`engine_ops`): routed runs eagerly, one PyTorch op at a time, and on a CPU each op has a fixed
 cost t_op beyond its bytes and FLOPs. The op count per step is routed's own, measured by counting aten ops
-in engine steps of the tiny, medium and small presets (decode at 1 and 4 sequences, a 256-token prefill)
-and fitted to within ±4%: 76 per step + 120 per layer + 27 per layer per sequence + 16 per routed expert
-run; in a prefill step each expert's three GEMMs meet a token count they have not seen, and oneDNN plans a
-bf16 GEMM afresh for each new shape (measured: ~59 µs a call against ~18 µs for a repeated shape), so they
-count 3 op-times more each. t_op defaults to 0 (GPU plans: CUDA graphs; not modelled) and is calibrated
+in engine steps of the tiny, medium and small presets (routing telemetry off, as `routed bench` runs;
+decode at 1-16 sequences, prefills of 64 and 256 tokens) and fitted to within ±12% (±6% beyond tiny):
+81 per step + 123 per layer + 27 per layer per sequence + 14 per routed expert run. In a prefill step each
+expert's three GEMMs meet a token count they have not seen, and oneDNN plans a bf16 GEMM afresh for each
+new shape (measured: ~59 µs a call against ~18 µs for a repeated shape), so they count 3 op-times more each. t_op defaults to 0 (GPU plans: CUDA graphs; not modelled) and is calibrated
 from `routed bench` files for `local`.
 """
 
@@ -125,7 +125,7 @@ def expected_distinct_experts(n_experts: int, k: int, tokens: float) -> float:
     return n_experts * (1.0 - (1.0 - k / n_experts) ** tokens)
 
 
-ENGINE_OPS = {"step": 76, "layer": 120, "layer_sequence": 27, "expert": 16, "prefill_expert": 9}
+ENGINE_OPS = {"step": 81, "layer": 123, "layer_sequence": 27, "expert": 14, "prefill_expert": 9}
 
 
 def engine_ops(layers: int, sequences: float, experts_run: float, prefill: bool) -> float:
