@@ -29,7 +29,7 @@ from routed.errors import RoutedError
 from routed.model.deepseek_v3 import Gate, Transformer
 from routed.progress import progress_bar
 from routed.quant import fp8
-from routed.quant.intq import IntFormat
+from routed.quant.intq import IntFormat, quantize_int4, quantize_int8
 from routed.quant.linear import finalize_model, quantize_model
 
 QUANT_CHOICES = {"int8": IntFormat(8), "int4": IntFormat(4, 32)}
@@ -161,10 +161,17 @@ def load_model(
     if mtp and cfg.num_nextn_predict_layers == 0:
         raise RoutedError(f"{cfg.source}: num_nextn_predict_layers is 0, so this checkpoint has no MTP module")
     infos = scan_checkpoint(folder)
+    fmt = None
+    if quant is not None:
+        if cfg.int_quant:
+            raise RoutedError(f"{folder} is already quantized (int{cfg.int_quant[0]}); drop --quant")
+        if quant not in QUANT_CHOICES:
+            raise RoutedError(f"quant {quant!r} is not supported; choose from {', '.join(QUANT_CHOICES)}")
+        fmt = QUANT_CHOICES[quant]
     with torch.device("meta"):
         model = Transformer(cfg, dtype=dtype, with_mtp=mtp)
-        if cfg.int_quant:
-            quantize_model(model, IntFormat(*cfg.int_quant), from_weights=False)
+        if cfg.int_quant or fmt:  # quantized checkpoint, or quantize each weight as it is read
+            quantize_model(model, fmt or IntFormat(*cfg.int_quant), from_weights=False)
     offloaded = _plan_offload(model, folder, infos, cfg, dtype, max_ram_gb, quant) if max_ram_gb else False
     model.to_empty(device="cpu")
     table = checkpoint_table(model)
@@ -175,6 +182,7 @@ def load_model(
                     "trained model", folder, len(absent_bias))
         for name in absent_bias:
             state[table.pop(name).key].zero_()
+    requant = _split_requant(table, fmt) if fmt else {}
     _check_names(table, infos, cfg, mtp, folder, offloaded)
     by_file: dict[Path, list[str]] = {}
     for name in table:
@@ -184,8 +192,13 @@ def load_model(
             with safe_open(file, framework="pt") as f, open(file, "rb", buffering=0) as raw:
                 for name in names:
                     target = table[name]
-                    dest = state[target.key] if target.expert is None else state[target.key][target.expert]
                     info = infos[name]
+                    if name in requant:  # read in float (FP8 dequantized per tensor), quantize, store
+                        with torch.no_grad():
+                            _store_quantized(_read(f, name, infos, cfg), requant[name], state, fmt)
+                        advance()
+                        continue
+                    dest = state[target.key] if target.expert is None else state[target.key][target.expert]
                     with torch.no_grad():
                         if _TORCH_CODES.get(dest.dtype) == info.dtype and dest.is_contiguous() \
                                 and dest.numel() * dest.element_size() == info.nbytes:
@@ -196,15 +209,30 @@ def load_model(
     for module in model.modules():
         if isinstance(module, Gate):
             module.reset_counters()  # to_empty left them uninitialised
-    if quant is not None:
-        if cfg.int_quant:
-            raise RoutedError(f"{folder} is already quantized (int{cfg.int_quant[0]}); drop --quant")
-        if quant not in QUANT_CHOICES:
-            raise RoutedError(f"quant {quant!r} is not supported; choose from {', '.join(QUANT_CHOICES)}")
-        quantize_model(model, QUANT_CHOICES[quant])
     finalize_model(model)
     model.eval()
     return model
+
+
+def _split_requant(table: dict[str, Target], fmt: IntFormat) -> dict[str, list[Target]]:
+    """For load-time quantization: replace each `X.qweight` / `X.scales[_zeros]` pair of the quantized skeleton
+    by the checkpoint's float `X.weight` (shape [N, K]); return X.weight -> [qweight target, scales target]."""
+    requant: dict[str, list[Target]] = {}
+    for name in [n for n in table if n.endswith(".qweight")]:
+        base = name[: -len(".qweight")]
+        q = table.pop(name)
+        s = table.pop(base + (".scales" if fmt.bits == 8 else ".scales_zeros"))
+        N, K = q.shape[0], q.shape[1] * (2 if fmt.bits == 4 else 1)
+        table[base + ".weight"] = Target(q.key, q.expert, (N, K))
+        requant[base + ".weight"] = [q, s]
+    return requant
+
+
+def _store_quantized(w: torch.Tensor, targets: list[Target], state: dict[str, torch.Tensor],
+                     fmt: IntFormat) -> None:
+    q, s = quantize_int8(w) if fmt.bits == 8 else quantize_int4(w, fmt.group_size)
+    for target, value in zip(targets, (q, s)):
+        (state[target.key] if target.expert is None else state[target.key][target.expert]).copy_(value)
 
 
 def _read_into(raw, info: TensorInfo, dest: torch.Tensor) -> None:  # noqa: ANN001
