@@ -30,7 +30,7 @@ class Group:
     dtypes: set[str] = field(default_factory=set)
 
 
-def _group(name: str, dtype: str, cfg: ModelConfig) -> tuple[str, str]:
+def _group(name: str, cfg: ModelConfig) -> tuple[str, str]:
     """(group, what the loader does) for one checkpoint tensor."""
     target = "the model dtype"
     m = re.match(r"model\.layers\.(\d+)\.", name)
@@ -67,7 +67,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     for name, info in sorted(infos.items()):
         n = prod(info.shape)
         size = n * _BYTES.get(info.dtype, 0)
-        gname, action = _group(name, info.dtype, cfg)
+        gname, action = _group(name, cfg)
         g = groups.setdefault(gname, Group(gname, action))
         g.tensors += 1
         g.dtypes.add(info.dtype)
