@@ -1,8 +1,8 @@
 """Checkpoint folder (safetensors, memory-mapped) -> Transformer parameters.
 
 * Files: `model.safetensors`, or shards listed in `model.safetensors.index.json`. Never a pickle (`.bin`, `.pt`).
-  A tensor already in the target dtype is read straight from the file into its parameter (no mmap, no
-  intermediate copy), so peak memory stays near the weight bytes; others are converted through safetensors.
+  Tensors are read from the file with plain reads (no mmap whose pages would count as resident); one already
+  in the target dtype goes straight into its parameter, so peak memory stays near the weight bytes.
 * Names: the model's parameter names are the checkpoint's, through one table (`checkpoint_table`) with the
   two restructurings written as data: stacked routed experts and MTP layers at `mtp.{k}`.
 * FP8 (`weight_scale_inv` siblings): dequantised at load, block by block in fp32, rounded once to the target
@@ -53,7 +53,8 @@ class TensorInfo:
 
 
 _TORCH_CODES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16", torch.int8: "I8",
-                torch.uint8: "U8", torch.int64: "I64", torch.int32: "I32"}
+                torch.uint8: "U8", torch.int64: "I64", torch.int32: "I32", torch.float8_e4m3fn: "F8_E4M3"}
+_CODE_DTYPES = {code: dtype for dtype, code in _TORCH_CODES.items()}
 
 
 def _data_offsets(file: Path) -> dict[str, tuple[int, int]]:
@@ -189,13 +190,13 @@ def load_model(
         by_file.setdefault(infos[name].file, []).append(name)
     with progress_bar(f"loading {folder.name}", total=len(table), enabled=progress) as advance:
         for file, names in by_file.items():
-            with safe_open(file, framework="pt") as f, open(file, "rb", buffering=0) as raw:
+            with open(file, "rb", buffering=0) as raw:
                 for name in names:
                     target = table[name]
                     info = infos[name]
                     if name in requant:  # read in float (FP8 dequantized per tensor), quantize, store
                         with torch.no_grad():
-                            _store_quantized(_read(f, name, infos, cfg), requant[name], state, fmt)
+                            _store_quantized(_read(name, infos, cfg), requant[name], state, fmt)
                         advance()
                         continue
                     dest = state[target.key] if target.expert is None else state[target.key][target.expert]
@@ -204,7 +205,7 @@ def load_model(
                                 and dest.numel() * dest.element_size() == info.nbytes:
                             _read_into(raw, info, dest)  # straight from the file: no second copy in memory
                         else:
-                            dest.copy_(_read(f, name, infos, cfg))  # dtype change or FP8: convert
+                            dest.copy_(_read(name, infos, cfg))  # dtype change or FP8: convert
                     advance()
     for module in model.modules():
         if isinstance(module, Gate):
@@ -247,22 +248,28 @@ def _read_into(raw, info: TensorInfo, dest: torch.Tensor) -> None:  # noqa: ANN0
         done += n
 
 
-def _read(f: safe_open, name: str, infos: dict[str, TensorInfo], cfg: ModelConfig) -> torch.Tensor:
-    tensor = f.get_tensor(name)
+def _read_tensor(info: TensorInfo) -> torch.Tensor:
+    """A checkpoint tensor in its stored dtype, read from the file (no mmap)."""
+    dtype = _CODE_DTYPES.get(info.dtype)
+    if dtype is None:
+        raise RoutedError(f"{info.file}: tensor dtype {info.dtype} is not supported")
+    out = torch.empty(info.shape, dtype=dtype)
+    with open(info.file, "rb", buffering=0) as raw:
+        _read_into(raw, info, out)
+    return out
+
+
+def _read(name: str, infos: dict[str, TensorInfo], cfg: ModelConfig) -> torch.Tensor:
+    """A checkpoint tensor, FP8 weights dequantized (fp32) with their block scales."""
+    tensor = _read_tensor(infos[name])
     if tensor.dtype != torch.float8_e4m3fn:
         return tensor
     scale_name = name + "_scale_inv"
-    info = infos.get(scale_name)
-    if info is None:
+    if scale_name not in infos:
         raise RoutedError(f"{name}: FP8 weight without its {scale_name}")
-    if info.file == infos[name].file:
-        scale = f.get_tensor(scale_name)
-    else:
-        with safe_open(info.file, framework="pt") as g:
-            scale = g.get_tensor(scale_name)
     block = cfg.fp8.block_size if cfg.fp8 else (128, 128)
     try:
-        return fp8.dequantize(tensor, scale, block, torch.float32)
+        return fp8.dequantize(tensor, _read_tensor(infos[scale_name]), block, torch.float32)
     except ValueError as e:
         raise RoutedError(f"{scale_name}: {e}") from None
 
@@ -290,13 +297,7 @@ def _plan_offload(model: Transformer, folder: Path, infos: dict[str, TensorInfo]
         info = infos.get(name)
         if info is None:
             raise RoutedError(f"{folder}: tensor {name} is missing")
-        if _TORCH_CODES.get(dtype) == info.dtype:
-            out = torch.empty(info.shape, dtype=dtype)
-            with open(info.file, "rb", buffering=0) as raw:
-                _read_into(raw, info, out)
-            return out
-        with safe_open(info.file, framework="pt") as f:
-            return _read(f, name, infos, cfg).to(dtype)
+        return _read(name, infos, cfg).to(dtype)
 
     store = ExpertStore(budget, read)
     for name, module in experts:

@@ -41,28 +41,38 @@ def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
     return out_features % 16 == 0 and in_features % group_size == 0
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] float -> (q int8 [N, K], scale fp32 [N])."""
-    wf = w.float()
-    scale = (wf.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    return (wf / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+def quantize_int8(w: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (q int8 [N, K], scale fp32 [N]); in row chunks so a huge lm_head needs no fp32 copy."""
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0], dtype=torch.float32)
+    for start in range(0, w.shape[0], rows_per_chunk):
+        wf = w[start : start + rows_per_chunk].float()
+        s = (wf.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        q[start : start + rows_per_chunk] = (wf / s[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        scale[start : start + rows_per_chunk] = s
+    return q, scale
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[..., None]
 
 
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] float -> (nibbles uint8 [N, K/2], scales_zeros bf16 [K/group, N, 2])."""
+def quantize_int4(w: torch.Tensor, group_size: int, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (nibbles uint8 [N, K/2], scales_zeros bf16 [K/group, N, 2]), in row chunks."""
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"in_features {K} is not a multiple of the int4 group size {group_size}")
-    wg = w.float().view(N, K // group_size, group_size)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-8)
-    q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
-    scales_zeros = torch.stack([scale.T, (lo + 8 * scale).T], dim=-1).to(torch.bfloat16).contiguous()
-    return q[:, 0::2] | (q[:, 1::2] << 4), scales_zeros
+    nibbles = torch.empty(N, K // 2, dtype=torch.uint8)
+    scales_zeros = torch.empty(K // group_size, N, 2, dtype=torch.bfloat16)
+    for start in range(0, N, rows_per_chunk):
+        end = min(N, start + rows_per_chunk)
+        wg = w[start:end].float().view(end - start, K // group_size, group_size)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).view(end - start, K)
+        nibbles[start:end] = q[:, 0::2] | (q[:, 1::2] << 4)
+        scales_zeros[:, start:end] = torch.stack([scale.T, (lo + 8 * scale).T], dim=-1).to(torch.bfloat16)
+    return nibbles, scales_zeros
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
