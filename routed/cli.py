@@ -16,6 +16,17 @@ from typing import Any
 from routed.errors import RoutedError
 
 
+DEMO_MODEL = Path(__file__).parent / "demo_model"
+
+
+def _model_or_demo(args: argparse.Namespace) -> None:
+    """`--model` defaults to the demo model shipped inside the package."""
+    if args.model is None:
+        if not (DEMO_MODEL / "config.json").is_file():
+            raise RoutedError("no --model given and the bundled demo model is missing from this install")
+        args.model = str(DEMO_MODEL)
+
+
 def _human(n: float, unit: str = "") -> str:
     for suffix in ("", "K", "M", "G", "T"):
         if abs(n) < 1000:
@@ -25,6 +36,7 @@ def _human(n: float, unit: str = "") -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    _model_or_demo(args)
     from routed.llm import LLM
     from routed.sampling import SamplingParams
 
@@ -106,6 +118,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _model_or_demo(args)
     import os
 
     from routed.config import EngineConfig
@@ -231,6 +244,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    _model_or_demo(args)
     from routed.bench import bench
 
     try:
@@ -306,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a prompt, streaming it to stdout",
                        description="Generate from a checkpoint folder; text streams to stdout, timings to stderr.")
     g.add_argument("prompt", help="the prompt text (with --chat: the user message)")
-    g.add_argument("--model", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    g.add_argument("--model", default=None,
+                   help="checkpoint folder (config.json, *.safetensors, tokenizer.json); default: the bundled demo model")
     g.add_argument("--max-tokens", type=_positive_int, default=64, help="tokens to generate at most (default 64)")
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
@@ -332,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve an OpenAI-compatible API (chat, completions, models, metrics)",
                        description="Serve the model over HTTP with continuous batching. Binds 127.0.0.1 unless "
                                    "--host says otherwise; SIGTERM drains in-flight requests, then exits 0.")
-    s.add_argument("--model", required=True, help="checkpoint folder")
+    s.add_argument("--model", default=None, help="checkpoint folder (default: the bundled demo model)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--api-key", default=None,
@@ -407,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Measure load time, peak RSS, prefill and decode tokens/s (median of repeats), "
                                    "weight bytes per step against the machine's memory bandwidth, and $/Mtok. "
                                    "--json output feeds `routed plan --calibrate`.")
-    b.add_argument("--model", required=True, help="checkpoint folder")
+    b.add_argument("--model", default=None, help="checkpoint folder (default: the bundled demo model)")
     b.add_argument("--prompt-len", type=_positive_int, default=512, help="prefill length (default 512)")
     b.add_argument("--gen-len", type=_positive_int, default=128, help="decode tokens per request (default 128)")
     b.add_argument("--batch", default="1,8,16", help="decode batch sizes (default 1,8,16)")
