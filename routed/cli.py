@@ -438,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 
+    from routed.planner.cli import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
+
     r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint in the Hugging Face layout",
                        description="Write config.json, safetensors shards and the DeepSeek-V3 tokenizer files. "
                                    "Presets: " + ", ".join(PRESETS))
