@@ -442,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)
 
+    from routed.train.cli import add_parser as add_train_parser
+
+    add_train_parser(sub)
+
     r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint in the Hugging Face layout",
                        description="Write config.json, safetensors shards and the DeepSeek-V3 tokenizer files. "
                                    "Presets: " + ", ".join(PRESETS))

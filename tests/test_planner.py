@@ -212,8 +212,9 @@ def test_bad_bench_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(RoutedError, match="offloaded"):
         bench_from_dict({"model": {"config": PRESETS["tiny"]}, "max_ram_gb": 1.0,
                          "runs": [{"kind": "decode", "batch": 1, "context": 8, "tokens_per_second": 3.0}]})
-    assert bench_from_dict({"model": {"config": PRESETS["tiny"]}, "quant": "int8",
-                            "runs": [{"kind": "decode", "batch": 1, "context": 8, "tokens_per_second": 3.0}]}).fmt == "int8"
+    int8 = bench_from_dict({"model": {"config": PRESETS["tiny"]}, "quant": "int8",
+                            "runs": [{"kind": "decode", "batch": 1, "context": 8, "tokens_per_second": 3.0}]})
+    assert int8.fmt == "int8"
     with pytest.raises(RoutedError, match="`context` must be a positive number"):
         bench_from_dict({"model": {"config": PRESETS["tiny"]},
                          "runs": [{"kind": "decode", "batch": 1, "tokens_per_second": 3.0}]})

@@ -19,9 +19,9 @@ What is fitted, by least squares on log(predicted / measured) over every run of 
 it) and t_op, the seconds per engine op (roofline.engine_ops: routed's eager op count per step, which
 grows with layers, sequences and experts run — a fixed per-step overhead was tried first and does not
 transfer between shapes, see BENCHMARKS.md). The overhead is kept only when the fit without it is off by
-more than 1% RMS and the overhead cuts that error by at least 10% — otherwise it is 0 and says so. Interconnect efficiency and
-overlap are not fitted (single-device benches cannot see them) and keep their defaults. The minimiser is
-Nelder-Mead on the logs of the factors, from a few starting points.
+more than 1% RMS and the overhead cuts that error by at least 10% — otherwise it is 0 and says so.
+Interconnect efficiency and overlap are not fitted (single-device benches cannot see them) and keep their
+defaults. The minimiser is Nelder-Mead on the logs of the factors, from a few starting points.
 """
 
 from __future__ import annotations

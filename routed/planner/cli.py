@@ -79,7 +79,8 @@ def add_parser(subparsers: Any) -> None:
                    help="price of one device-hour (default: the hardware preset's, with its source)")
     p.add_argument("--calibrate", nargs="+", metavar="BENCH.json",
                    help="fit the efficiency factors to `routed bench --json` output measured on this --hardware")
-    p.add_argument("--plot", metavar="OUT.png", help="write throughput and $/Mtok against batch size, with the roofline")
+    p.add_argument("--plot", metavar="OUT.png",
+                   help="write throughput and $/Mtok against batch size, with the roofline")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=cmd_plan)
 

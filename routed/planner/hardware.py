@@ -12,10 +12,12 @@ JSON file holding one object with these fields (units per device; bandwidths one
      "price_source": "...", "sources": {"compute": "...", ...},   # optional: where the figures come from
      "overlap_memory_compute": true}  # optional, default true: step terms combine as max (GPU), else add (CPU)
 
-`local` (combining memory and compute time by addition, see roofline.py) is measured on first use — a memory-bandwidth probe (copy of a 256 MiB tensor: bytes read + written
-over the time) and a bf16 matmul probe (2048³) at torch's current thread count (or the thread count of the
-bench files being calibrated on) — and cached per thread count in `~/.cache/routed/local_hardware.json`;
-an entry is re-measured when the CPU or the torch version differ. Dense TFLOPs are without 2:4 sparsity. GB = 1e9 bytes.
+`local` (combining memory and compute time by addition, see roofline.py) is measured on first use — a
+memory-bandwidth probe (copy of a 256 MiB tensor: bytes read + written over the time) and a bf16 matmul
+probe (2048³) at torch's current thread count (or the thread count of the bench files being calibrated on)
+— and cached per thread count in `~/.cache/routed/local_hardware.json`; an entry is re-measured when the
+CPU or the torch version differ (delete the file to re-measure after a change the fingerprint cannot see).
+Dense TFLOPs are without 2:4 sparsity. GB = 1e9 bytes.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from typing import Any
 
 from routed.errors import RoutedError
 
-_HOPPER = "https://glennklockwood.com/garden/processors/h100 (GH100 theoretical peaks: bf16 989.4, fp8 1978.9 TFLOPS dense)"
-_PRICES_2026 = "https://www.mercatus-ai.com/blog/cloud-gpu-pricing (May 2026, specialty-cloud on-demand range; midpoint)"
+_HOPPER = ("https://glennklockwood.com/garden/processors/h100 (GH100 theoretical peaks: bf16 989.4, "
+           "fp8 1978.9 TFLOPS dense)")
+_PRICES_2026 = ("https://www.mercatus-ai.com/blog/cloud-gpu-pricing (May 2026, specialty-cloud on-demand range; "
+                "midpoint)")
 _DEEPEP = "https://github.com/deepseek-ai/DeepEP README: CX7 InfiniBand 400 Gb/s per GPU, ~50 GB/s"
 
 

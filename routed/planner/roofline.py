@@ -28,8 +28,9 @@ Time per step (the efficiency factors are printed with every plan):
     t_overhead  = t_op · engine ops per step
     t_step      = t_weights + t_attention + t_comm − overlap·min(t_weights + t_attention, t_comm) + t_overhead
 combine = max (a GPU kernel overlaps its loads with its math: the roofline) or sum (`local`: on a CPU the
-decode-sized GEMMs measure as load time plus math time; `Hardware.overlap_memory_compute`). The linear peak is the fp8 rate for fp8 weights on hardware that has it, else bf16
-(int8/int4 are weight-only formats, dequantised to bf16).
+decode-sized GEMMs measure as load time plus math time; `Hardware.overlap_memory_compute`). The linear peak
+is the fp8 rate for fp8 weights on hardware that has it, else bf16 (int8/int4 are weight-only formats,
+dequantised to bf16).
 
 Engine ops (`engine_ops`): routed runs eagerly, one PyTorch op at a time, and on a CPU each op has a fixed
 cost t_op beyond its bytes and FLOPs. The op count per step is routed's own, measured by counting aten ops
@@ -37,8 +38,9 @@ in engine steps of the tiny, medium and small presets (routing telemetry off, as
 decode at 1-16 sequences, prefills of 64 and 256 tokens) and fitted to within ±12% (±6% beyond tiny):
 81 per step + 123 per layer + 27 per layer per sequence + 14 per routed expert run. In a prefill step each
 expert's three GEMMs meet a token count they have not seen, and oneDNN plans a bf16 GEMM afresh for each
-new shape (measured: ~59 µs a call against ~18 µs for a repeated shape), so they count 3 op-times more each. t_op defaults to 0 (GPU plans: CUDA graphs; not modelled) and is calibrated
-from `routed bench` files for `local`.
+new shape (measured: ~59 µs a call against ~18 µs for a repeated shape), so they count 3 op-times more
+each. t_op defaults to 0 (GPU plans: CUDA graphs; not modelled) and is calibrated from `routed bench` files
+for `local`.
 """
 
 from __future__ import annotations
