@@ -54,6 +54,7 @@ def hf_tensors(model: Transformer, dtype: torch.dtype) -> dict[str, torch.Tensor
 def _write_atomic(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
+    tmp.chmod(0o644)  # the safetensors writer creates 0600 files; checkpoints are meant to be shared
     os.replace(tmp, path)
 
 

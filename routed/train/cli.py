@@ -44,8 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "auxiliary-loss-free balancing (bias update, --gamma), optional sequence-wise balance loss "
                     "(--alpha), MTP loss (--mtp-lambda). Writes a Hugging Face checkpoint folder (config.json, "
                     "model.safetensors, tokenizer files) that routed and transformers load, plus the state "
-                    "--resume continues from. Example: routed train --config demo --data stdlib --steps 2000 "
-                    "--out runs/demo")
+                    "--resume continues from. Example (the bundled demo model): routed train --config demo "
+                    "--data stdlib --steps 1200 --out runs/demo --threads 1")
     t.add_argument("--config", help="preset name (e.g. demo, tiny) or a config.json file / folder")
     t.add_argument("--data", help="a text file, a folder (files matching --glob), or 'stdlib' for the Python "
                                   "standard library's own source")
