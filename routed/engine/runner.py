@@ -64,21 +64,25 @@ class ModelRunner:
             offset += end - s.start
         batch = PagedBatch(self.cache, torch.cat(slots), bounds, key_slots)
         hidden = self.model.forward_hidden(torch.tensor([ids]), torch.cat(positions).unsqueeze(0), batch)
+        sampling = [(s, first + s.num_tokens - 1) for s, first in zip(sched.seqs, rows) if s.samples]
         out = {}
-        for s, first in zip(sched.seqs, rows):
-            if s.samples:
-                out[s.request.request_id] = self._sample(s, hidden[0, first + s.num_tokens - 1 :])
+        if sampling:  # one lm_head matmul over every row that samples (the last row, and the draft's row)
+            logit_rows = [r + i for s, r in sampling for i in range(2 if s.draft is not None else 1)]
+            logits = self.model.logits(hidden[0, logit_rows])
+            at = 0
+            for s, _ in sampling:
+                n_rows = 2 if s.draft is not None else 1
+                out[s.request.request_id] = self._sample(s, logits[at : at + n_rows])
+                at += n_rows
         if self.speculative:
             self._draft(sched, rows, hidden[0], out)
         return out
 
-    def _sample(self, s: ScheduledSeq, hidden_XD: torch.Tensor) -> Sampled:
-        """Sample the next token from the row after the request's last token; verify the draft if any."""
+    def _sample(self, s: ScheduledSeq, logits: torch.Tensor) -> Sampled:
+        """Sample the next token from the logits after the request's last token; verify the draft if any."""
         req = s.request
         if req.request_id not in self.generators:
             self.generators[req.request_id] = req.params.generator()
-        n_rows = 2 if s.draft is not None else 1
-        logits = self.model.logits(hidden_XD[:n_rows])
         token = sample_one(logits[0], req.params, req.output_ids, self.generators[req.request_id])
         result = Sampled([token], [lp] if (lp := self._logprob(logits[0], token, req.params.logprobs)) else [])
         if s.draft is not None:
