@@ -438,9 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 
+    from routed.parallel.eplb_cli import add_parser as add_eplb_parser
     from routed.planner.cli import add_parser as add_plan_parser
 
     add_plan_parser(sub)
+    add_eplb_parser(sub)
 
     from routed.train.cli import add_parser as add_train_parser
 
