@@ -337,6 +337,9 @@ class EngineConfig:
     record_routing: str | None = None  # safetensors file the routing counts over time are written to
     speculative: str | None = None  # "mtp": draft one token with the MTP module, verify it in the same step
     max_ram_gb: float | None = None  # weights beyond this stay on disk: routed experts behind an LRU cache
+    ep: int = 1  # expert-parallel ranks (routed.parallel.ep); > 1 spawns ranks 1.. on this machine
+    placement: str | None = None  # expert placement JSON from `routed eplb` (default: contiguous blocks)
+    ep_timeout_s: float = 120.0  # a rank silent this long in a step is declared hung
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting", "routing_window_tokens"):
@@ -346,5 +349,11 @@ class EngineConfig:
             raise RoutedError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
         if self.speculative not in (None, "mtp"):
             raise RoutedError(f"speculative must be 'mtp' or unset, got {self.speculative!r}")
+        if self.ep < 1:
+            raise RoutedError(f"ep must be at least 1, got {self.ep}")
+        if self.placement is not None and self.ep < 2:
+            raise RoutedError("a placement needs expert parallelism: pass --ep N with N >= 2")
+        if self.ep_timeout_s <= 0:
+            raise RoutedError(f"ep_timeout_s must be positive, got {self.ep_timeout_s}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise RoutedError(f"max_model_len must be at least 2, got {self.max_model_len}")

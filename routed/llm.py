@@ -53,6 +53,16 @@ class LLM:
         self.engine = LLMEngine.from_pretrained(model, dtype, engine_config, progress=progress)
         self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
 
+    def close(self) -> None:
+        """Stop expert-parallel workers, if any (also done at exit)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ---- public API ---------------------------------------------------------------------------------
     def generate(
         self,

@@ -20,17 +20,22 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from routed.config import ModelConfig
 from routed.errors import RoutedError
-from routed.model.deepseek_v3 import Gate, Transformer
+from routed.model.deepseek_v3 import Gate, MoE, Transformer
+from routed.model.experts import RoutedExperts
 from routed.progress import progress_bar
 from routed.quant import fp8
 from routed.quant.intq import IntFormat, quantize_int4, quantize_int8
 from routed.quant.linear import finalize_model, quantize_model
+
+if TYPE_CHECKING:
+    from routed.parallel.ep import EPShard
 
 QUANT_CHOICES = {"int8": IntFormat(8), "int4": IntFormat(4, 32)}
 
@@ -129,8 +134,10 @@ def checkpoint_table(model: Transformer) -> dict[str, Target]:
             hf = f"model.layers.{n_main + int(k)}.{rest}"
         m = _EXPERTS.match(hf)
         if m:
-            for e in range(tensor.shape[0]):
-                table[f"{m['prefix']}.{e}.{m['proj']}.{m['kind'] or 'weight'}"] = Target(key, e, tuple(tensor.shape[1:]))
+            experts = model.get_submodule(key.rsplit(".", 1)[0])
+            for slot, e in enumerate(experts.logical_ids):  # a replica twice on one rank: loaded once, copied
+                name = f"{m['prefix']}.{e}.{m['proj']}.{m['kind'] or 'weight'}"
+                table.setdefault(name, Target(key, slot, tuple(tensor.shape[1:])))
         else:
             table[hf] = Target(key, None, tuple(tensor.shape))
     return table
@@ -148,13 +155,14 @@ def is_skipped(name: str, cfg: ModelConfig, with_mtp: bool) -> bool:
 
 def load_model(
     path: str | Path, dtype: torch.dtype | str = torch.bfloat16, *, mtp: bool = False, progress: bool = True,
-    quant: str | None = None, max_ram_gb: float | None = None,
+    quant: str | None = None, max_ram_gb: float | None = None, shard: EPShard | None = None,
 ) -> Transformer:
     """Load a DeepSeek-V3-family checkpoint folder into a Transformer in eval mode.
 
     `quant="int8"|"int4"` quantizes a float checkpoint's linear weights after loading (see routed.quant);
     a checkpoint written by `routed quantize` loads quantized as it is. `max_ram_gb` below the model's size
     keeps the routed experts that do not fit on disk, read on demand through an LRU cache (routed.offload).
+    `shard` (expert parallelism): load only this rank's routed experts (routed.parallel.ep).
     """
     folder = Path(path)
     dtype = resolve_dtype(dtype)
@@ -171,6 +179,10 @@ def load_model(
         fmt = QUANT_CHOICES[quant]
     with torch.device("meta"):
         model = Transformer(cfg, dtype=dtype, with_mtp=mtp)
+        if shard is not None:
+            if max_ram_gb:
+                raise RoutedError("expert parallelism and --max-ram (expert offload) do not combine; pick one")
+            _shard_experts(model, shard, dtype)
         if cfg.int_quant or fmt:  # quantized checkpoint, or quantize each weight as it is read
             quantize_model(model, fmt or IntFormat(*cfg.int_quant), from_weights=False)
     offloaded = _plan_offload(model, folder, infos, cfg, dtype, max_ram_gb, quant) if max_ram_gb else False
@@ -184,7 +196,7 @@ def load_model(
         for name in absent_bias:
             state[table.pop(name).key].zero_()
     requant = _split_requant(table, fmt) if fmt else {}
-    _check_names(table, infos, cfg, mtp, folder, offloaded)
+    _check_names(table, infos, cfg, mtp, folder, offloaded or shard is not None)
     by_file: dict[Path, list[str]] = {}
     for name in table:
         by_file.setdefault(infos[name].file, []).append(name)
@@ -210,9 +222,41 @@ def load_model(
     for module in model.modules():
         if isinstance(module, Gate):
             module.reset_counters()  # to_empty left them uninitialised
+        if isinstance(module, RoutedExperts):
+            _copy_duplicate_slots(module)
     finalize_model(model)
     model.eval()
     return model
+
+
+def _shard_experts(model: Transformer, shard: EPShard, dtype: torch.dtype) -> None:
+    """Give each MoE layer only this rank's experts (by the shard's placement) and its dispatch."""
+    from routed.parallel.ep import ExpertParallel
+
+    cfg = model.config
+    layers = [(i, layer) for i, layer in enumerate(model.model.layers)]
+    layers += [(cfg.num_hidden_layers + k, layer) for k, layer in enumerate(model.mtp)]
+    for index, layer in layers:
+        moe = layer.mlp
+        if not isinstance(moe, MoE):
+            continue
+        phy2log = shard.layer_slots(index, cfg.n_routed_experts)
+        with torch.device("cpu"):  # we are inside the meta-device skeleton
+            moe.ep = ExpertParallel(phy2log, shard.rank, shard.world, cfg.n_routed_experts)
+        moe.experts = RoutedExperts(len(moe.ep.local), cfg.hidden_size, cfg.moe_intermediate_size, dtype)
+        moe.experts.logical_ids = moe.ep.local
+
+
+def _copy_duplicate_slots(experts: RoutedExperts) -> None:
+    """A rank holding two replicas of one expert loads it once (the name table's first slot): copy it over."""
+    first: dict[int, int] = {}
+    for slot, e in enumerate(experts.logical_ids):
+        if e in first:
+            with torch.no_grad():
+                for t in experts.state_dict().values():
+                    t[slot].copy_(t[first[e]])
+        else:
+            first[e] = slot
 
 
 def _split_requant(table: dict[str, Target], fmt: IntFormat) -> dict[str, list[Target]]:

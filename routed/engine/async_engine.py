@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from routed.engine.engine import EngineStats, LLMEngine
 from routed.engine.request import RequestOutput
 from routed.errors import RoutedError
+from routed.parallel.ep import RankFailed
 from routed.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class AsyncEngine:
         self._thread.join(timeout=10)
         if self.engine is not None:
             self.engine.routing.save_recording()
+            self.engine.close()
 
     @property
     def in_flight(self) -> int:
@@ -140,12 +142,21 @@ class AsyncEngine:
         engine = self.engine
         while not self._stop:
             self._apply_commands(engine)
-            if not engine.has_unfinished():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
             try:
+                engine.check_ranks()
+                if not engine.has_unfinished():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
                 outputs = engine.step()
+            except RankFailed as e:  # the group is broken: fail everything in flight, refuse new work
+                log.error("%s; the engine stops", e)
+                self.state, self.error = "failed", str(e)
+                for request_id in list(engine.requests):
+                    self._fail(request_id, EngineFailed(str(e)))
+                    engine.abort(request_id)
+                engine.close()
+                return
             except Exception as e:
                 log.exception("engine step failed; failing its requests")
                 for request_id in list(engine.requests):

@@ -22,6 +22,7 @@ from routed.engine.scheduler import Scheduler
 from routed.errors import RoutedError
 from routed.loader import load_model, resolve_dtype
 from routed.model.deepseek_v3 import Transformer
+from routed.parallel.ep import LoadSpec, launch, torchrun_env
 from routed.sampling import SamplingParams
 from routed.telemetry import RoutingMonitor
 from routed.tokenizer import IncrementalDecoder, Tokenizer
@@ -113,10 +114,32 @@ class LLMEngine:
         cls, path: str | Path, dtype: torch.dtype | str = torch.bfloat16, config: EngineConfig | None = None,
         progress: bool = True,
     ) -> LLMEngine:
-        mtp = config is not None and config.speculative == "mtp"
-        model = load_model(path, resolve_dtype(dtype), progress=progress, mtp=mtp,
-                           max_ram_gb=config.max_ram_gb if config else None)
-        return cls(model, Tokenizer.from_pretrained(path), config)
+        config = config or EngineConfig()
+        mtp = config.speculative == "mtp"
+        if config.ep > 1 or torchrun_env():
+            if config.max_ram_gb:
+                raise RoutedError("expert parallelism and --max-ram (expert offload) do not combine; pick one")
+            spec = LoadSpec(str(path), str(resolve_dtype(dtype)).removeprefix("torch."), mtp, None, config.placement,
+                            threads=max(1, torch.get_num_threads() // config.ep))
+            model = launch(spec, config.ep, config.ep_timeout_s, progress)
+        else:
+            model = load_model(path, resolve_dtype(dtype), progress=progress, mtp=mtp, max_ram_gb=config.max_ram_gb)
+        try:
+            return cls(model, Tokenizer.from_pretrained(path), config)
+        except BaseException:
+            if getattr(model, "ep_group", None) is not None:
+                model.ep_group.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the expert-parallel workers, if any (idempotent)."""
+        if (group := getattr(self.model, "ep_group", None)) is not None:
+            group.close()
+
+    def check_ranks(self) -> None:
+        """Raise RankFailed if an expert-parallel worker has died (cheap; called between steps)."""
+        if (group := getattr(self.model, "ep_group", None)) is not None:
+            group.check()
 
     # ---- requests -----------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:

@@ -39,6 +39,16 @@ class ModelRunner:
         self.speculative = speculative
         self.cache = model.new_cache(num_blocks * block_size)
         self.generators: dict[str, torch.Generator | None] = {}
+        self.ep = getattr(model, "ep_group", None)  # expert parallelism: workers mirror every model call
+        if self.ep is not None:
+            self.ep.send(("cache", (num_blocks * block_size,), None))
+            self.ep.send(("set_impl", (model.attn_impl,), None))
+
+    def _call(self, op: str, args: tuple, batch: PagedBatch) -> torch.Tensor:
+        """model.op(*args, batch) here, and on every expert-parallel worker over its own cache."""
+        if self.ep is not None:
+            self.ep.send((op, args, (batch.slots_N, batch.seq_bounds, batch.key_slots)))
+        return getattr(self.model, op)(*args, batch)
 
     def forget(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
@@ -63,7 +73,7 @@ class ModelRunner:
             rows.append(offset)
             offset += end - s.start
         batch = PagedBatch(self.cache, torch.cat(slots), bounds, key_slots)
-        hidden = self.model.forward_hidden(torch.tensor([ids]), torch.cat(positions).unsqueeze(0), batch)
+        hidden = self._call("forward_hidden", (torch.tensor([ids]), torch.cat(positions).unsqueeze(0)), batch)
         sampling = [(s, first + s.num_tokens - 1) for s, first in zip(sched.seqs, rows) if s.samples]
         out = {}
         if sampling:  # one lm_head matmul over every row that samples (the last row, and the draft's row)
@@ -121,8 +131,8 @@ class ModelRunner:
         if not h_rows:
             return
         batch = PagedBatch(self.cache, torch.cat(slots), bounds, key_slots)
-        mtp_hidden = self.model.forward_mtp(hidden_ND[h_rows].unsqueeze(0), torch.tensor([next_ids]), 0,
-                                            torch.cat(positions).unsqueeze(0), batch)
+        mtp_hidden = self._call("forward_mtp", (hidden_ND[h_rows].unsqueeze(0), torch.tensor([next_ids]), 0,
+                                                torch.cat(positions).unsqueeze(0)), batch)
         if last:
             drafts = self.model.logits(mtp_hidden[0, [row for _, row in last]]).argmax(-1).tolist()
             for (request_id, _), draft in zip(last, drafts):

@@ -261,11 +261,15 @@ class MoE(nn.Module):
             else None
         )
         self.expert_impl = "grouped"
+        self.ep = None  # routed.parallel.ep.ExpertParallel when the experts are sharded over ranks
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         topk_ids, topk_weights, _ = self.gate(x_ND)
-        y_ND, _ = self.experts(x_ND, topk_ids, topk_weights, self.expert_impl)
+        if self.ep is not None:  # this rank's experts, summed over ranks
+            y_ND = self.ep.forward(self.experts, x_ND, topk_ids, topk_weights, self.expert_impl)
+        else:
+            y_ND, _ = self.experts(x_ND, topk_ids, topk_weights, self.expert_impl)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
         return y_ND.view_as(x_BTD)

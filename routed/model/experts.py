@@ -27,6 +27,7 @@ class RoutedExperts(nn.Module):
         super().__init__()
         E, D, I = num_experts, hidden_size, intermediate_size
         self.num_experts = E
+        self.logical_ids = list(range(E))  # checkpoint expert of each slot (a shard under expert parallelism)
         self.gate_proj = nn.Parameter(torch.empty(E, I, D, dtype=dtype), requires_grad=False)
         self.up_proj = nn.Parameter(torch.empty(E, I, D, dtype=dtype), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(E, D, I, dtype=dtype), requires_grad=False)
@@ -91,7 +92,8 @@ class RoutedExperts(nn.Module):
         return self._proj("down_proj", e, h)
 
     def forward(
-        self, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor, impl: str = "grouped"
+        self, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor, impl: str = "grouped",
+        out_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         counts_E = torch.bincount(topk_ids_NK.flatten(), minlength=self.num_experts)
         if impl == "grouped":
@@ -100,7 +102,7 @@ class RoutedExperts(nn.Module):
             y = self._reference(x_ND, topk_ids_NK, topk_weights_NK)
         else:
             raise ValueError(f"unknown expert impl {impl!r}; choose from {EXPERT_IMPLS}")
-        return y.to(x_ND.dtype), counts_E
+        return y.to(out_dtype or x_ND.dtype), counts_E
 
     def _reference(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """Slow twin: every (token, slot) pair on its own."""

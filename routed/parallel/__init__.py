@@ -1,0 +1,1 @@
+"""Scaling out: expert parallelism (ep) and expert placement (eplb)."""
