@@ -1,10 +1,14 @@
 """`routed bench`: load time, peak RSS, prefill and decode throughput, bytes per token against bandwidth.
 
-Each figure is the median of `repeats` runs with its spread (max − min). Decode at batch B runs B requests
-with short random prompts through the engine and times the steps after every request has its first token.
-The bandwidth floor is `weight bytes read per decode step / measured copy bandwidth`; the fraction reached is
-measured decode steps/s over that floor. `--compare-transformers` times transformers' DeepseekV3ForCausalLM
-on the same checkpoint in the same process. The JSON is the input of `routed plan --calibrate`.
+Each figure is the median of `repeats` runs with its spread (max − min), after untimed warm-up runs (one short
+decode, and PREFILL_WARMUP prefills at the timed length). Decode at batch B runs B requests with short random
+prompts through the engine and times the steps after every request has its first token. The bandwidth floor
+is `weight bytes read per decode step / measured copy bandwidth`; the fraction reached is measured decode
+steps/s over that floor. After each figure's timed repeats, one more untimed run with forward hooks on the
+routed experts records `experts_touched`: the distinct experts one MoE layer ran per step, averaged over layers
+and steps (a random checkpoint's router is far from uniform; `routed plan --calibrate` reads it).
+`--compare-transformers` times transformers' DeepseekV3ForCausalLM on the same checkpoint in the same process.
+The JSON is the input of `routed plan --calibrate`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ from routed.model.deepseek_v3 import Transformer
 from routed.progress import progress_bar
 from routed.sampling import SamplingParams
 from routed.tokenizer import Tokenizer
+
+
+# Prefills run before the timed ones. oneDNN builds a kernel for every new GEMM shape (0.6-1.5 ms each on
+# one thread, measured), and each prefill hands the routed experts new token counts, so the first prefills at a
+# length run up to 2.5x slower than the steady state a serving engine reaches; ten bring tiny and the demo model
+# within ~10% of it (20 consecutive 256-token prefills: 53 ms falling to 19-21 ms on tiny, 66 to 29-33 on demo).
+PREFILL_WARMUP = 10
 
 
 def _median(xs: list[float]) -> dict[str, float]:
@@ -74,6 +85,31 @@ def bytes_per_decode_step(model: Transformer, batch: int) -> int:
     return int(total)
 
 
+class ExpertsTouched:
+    """Distinct routed experts each MoE layer ran per forward call, keyed by the call's token count (hooks)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.by_tokens: dict[int, list[int]] = {}
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> "ExpertsTouched":
+        def hook(_module: Any, inputs: Any, output: Any) -> None:
+            self.by_tokens.setdefault(inputs[0].shape[0], []).append(int((output[1] > 0).sum()))
+
+        self.handles = [m.register_forward_hook(hook) for m in self.model.modules() if isinstance(m, RoutedExperts)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def mean(self, tokens: int) -> float | None:
+        """Mean over the calls that saw `tokens` tokens (a decode step of `tokens` sequences, or a prefill)."""
+        seen = self.by_tokens.get(tokens)
+        return round(sum(seen) / len(seen), 3) if seen else None
+
+
 def _prefill(engine: LLMEngine, prompt_len: int, rng: random.Random) -> float:
     ids = [rng.randrange(1000, engine.model.config.vocab_size - 1) for _ in range(prompt_len)]
     engine.add_request(ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
@@ -113,12 +149,16 @@ def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: 
     runs: list[dict[str, Any]] = []
     with progress_bar("benchmark", total=repeats * (1 + len(batches)), enabled=progress) as advance:
         _decode(engine, 1, 4, rng)  # warm-up
+        for _ in range(PREFILL_WARMUP):  # untimed: see PREFILL_WARMUP
+            _prefill(engine, prompt_len, rng)
         prefill = []
         for _ in range(repeats):
             prefill.append(_prefill(engine, prompt_len, rng))
             advance()
+        with ExpertsTouched(model) as touched:
+            _prefill(engine, prompt_len, rng)
         runs.append({"kind": "prefill", "batch": 1, "prompt_len": prompt_len, "tokens_per_second":
-                     statistics.median(prefill), **_median(prefill)})
+                     statistics.median(prefill), **_median(prefill), "experts_touched": touched.mean(prompt_len)})
         for b in batches:
             rates = []
             store = getattr(model, "expert_store", None)
@@ -133,12 +173,15 @@ def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: 
                 tokens = repeats * b * gen_len
                 offload = {"offload_hit_rate": hits / max(hits + misses, 1),
                            "offload_bytes_read_per_token": read / tokens}
+            with ExpertsTouched(model) as touched:  # untimed: decode steps are the calls with b tokens
+                _decode(engine, b, min(gen_len, 16), rng)
             step_bytes = bytes_per_decode_step(model, b)
             floor = bandwidth * 1e9 / step_bytes * b  # tokens/s if every step only streamed its weights
             runs.append({"kind": "decode", "batch": b, "context": 16 + gen_len // 2,
                          "tokens_per_second": statistics.median(rates), **_median(rates),
                          "weight_bytes_per_step": step_bytes, "bandwidth_floor_tok_s": floor,
-                         "fraction_of_floor": statistics.median(rates) / floor, **offload})
+                         "fraction_of_floor": statistics.median(rates) / floor,
+                         "experts_touched": touched.mean(b), **offload})
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out: dict[str, Any] = {
         "model": {"path": str(path), "config": json.loads((Path(path) / "config.json").read_text())},
