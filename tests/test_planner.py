@@ -143,13 +143,39 @@ def test_decode_bytes_at_batch_one_are_the_active_weights() -> None:
 
 
 def test_engine_ops_follow_the_measured_counts() -> None:
-    cfg = ModelConfig.from_dict(PRESETS["small"])  # 8 layers, 7 of them MoE, top-6
-    assert engine_ops(8, 1, 42, prefill=False) == 81 + 8 * (123 + 27) + 14 * 42  # counted: 1,801 aten ops
+    # counted with a TorchDispatchMode over engine steps of `small` (8 layers, 1 dense, top-6): decode at 1 and
+    # 4 sequences ran 42 and 107.7 experts per step and dispatched 1,803 and 3,468 aten ops
+    assert engine_ops(1, 7, 1, 42) == pytest.approx(1803, rel=0.005)
+    assert engine_ops(1, 7, 4, 107.67) == pytest.approx(3468, rel=0.005)
+    cfg = ModelConfig.from_dict(PRESETS["small"])
     w = step_work(cfg, "bf16", Parallelism(), "decode", 4, 80, experts_touched=15.0)
-    assert w.ops == 81 + 8 * (123 + 27 * 4) + 14 * 7 * 15
-    w = step_work(cfg, "bf16", Parallelism(), "prefill", 1, 0, new_tokens=256, attention="absorb", experts_touched=30)
-    assert w.ops == 81 + 8 * (123 + 27) + (14 + 9) * 7 * 30
+    assert w.ops == 27 + 80 + 7 * 124 + (8 * 28 + 22) * 4 + 14 * 7 * 15
+    w = step_work(cfg, "bf16", Parallelism(), "prefill", 1, 0, new_tokens=256, experts_touched=30, eager=True)
+    assert w.ops == 27 + 80 + 7 * 124 + (8 * 28 + 22) + 14 * 7 * 30
     assert w.experts_touched == 30
+
+
+def test_eager_steps_count_activations_scores_logits_and_per_sequence_kv_b() -> None:
+    cfg = ModelConfig.from_dict(PRESETS["small"])  # D 1024, 16 heads, kv_lora_rank 256, 8 layers (7 MoE, top-6)
+    fused = step_work(cfg, "bf16", Parallelism(), "decode", 4, 80)
+    eager = step_work(cfg, "bf16", Parallelism(), "decode", 4, 80, eager=True)
+    assert fused.activation_bytes == fused.score_elements == fused.logit_elements == 0
+    assert eager.activation_bytes == 4 * (187 * 8 * 1024 + 34 * 7 * 6 * 1024 + 13 * 8 * 16 * 256)
+    assert eager.score_elements == 8 * 4 * 16 * 81  # every sequence scores its 80 cached keys and the new one
+    assert eager.logit_elements == 4 * 129280
+    kv_b = 16 * (64 + 64) * 256 * 2
+    assert eager.weight_bytes - fused.weight_bytes == 3 * 8 * kv_b  # read again by sequences 2-4, every layer
+    # the absorbed path scores every key and masks afterwards: twice the causal FLOPs, less a half-diagonal
+    causal = step_work(cfg, "bf16", Parallelism(), "prefill", 1, 0, new_tokens=256, attention="absorb")
+    full = step_work(cfg, "bf16", Parallelism(), "prefill", 1, 0, new_tokens=256, eager=True)
+    assert full.attention_flops / causal.attention_flops == pytest.approx(256 / 128.5)
+    assert full.score_elements == 8 * 16 * 256 * 256
+    hw = Hardware("cpu", 16, 20.0, 0.2, devices_per_node=1, overlap_memory_compute=False, eager=True,
+                  score_ns=5.0, logit_ns=1.0)
+    t = step_time(eager, hw, Efficiency(op_s=1e-5))
+    expected = eager.activation_bytes / 20e9 + eager.score_elements * 5e-9 + eager.logit_elements * 1e-9
+    assert t.eager_s == pytest.approx(expected)
+    assert t.step_s == pytest.approx(t.memory_s + t.compute_s + t.overhead_s + t.eager_s)
 
 
 def test_regimes_decode_memory_bound_prefill_compute_bound() -> None:

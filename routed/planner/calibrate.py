@@ -15,13 +15,21 @@ carry `experts_touched` (distinct experts per MoE layer per step, measured); the
 many experts instead of the uniform-routing expectation — random checkpoints route far from uniformly.
 
 What is fitted, by least squares on log(predicted / measured) over every run of every file given:
-η_mem (memory bandwidth efficiency; decode runs pin it), η_compute (compute efficiency; prefill runs pin
-it) and t_op, the seconds per engine op (roofline.engine_ops: routed's eager op count per step, which
-grows with layers, sequences and experts run — a fixed per-step overhead was tried first and does not
-transfer between shapes, see BENCHMARKS.md). The overhead is kept only when the fit without it is off by
-more than 1% RMS and the overhead cuts that error by at least 10% — otherwise it is 0 and says so.
-Interconnect efficiency and overlap are not fitted (single-device benches cannot see them) and keep their
-defaults. The minimiser is Nelder-Mead on the logs of the factors, from a few starting points.
+η_mem (memory bandwidth efficiency; decode runs pin it), η_compute (compute efficiency; long prefills pin
+it) and t_op, the seconds per engine op (roofline.engine_ops: routed's eager op count per step, which grows
+with layers, sequences and experts run; short prefills and decode at growing batch pin it). The runs are
+modelled as routed's eager engine (`step_work(..., eager=True)`): activation traffic, attention scores and
+logits are charged at the hardware's probed rates, which are measured, not fitted. The overhead is kept
+only when the fit without it is off by more than 1% RMS and the overhead cuts that error by at least 10% —
+otherwise it is 0 and says so. Interconnect efficiency and overlap are not fitted (single-device benches
+cannot see them) and keep their defaults. The minimiser is Nelder-Mead on the logs of the factors, from a
+few starting points.
+
+Which checkpoint to calibrate on: one whose steps have the three fitted terms in comparable measure. On this
+machine (BENCHMARKS.md, "Planner calibration") a fit on `medium` predicts `tiny`, the demo model and
+`small` within 25%; a fit on `small` alone does not, because its decode steps are dominated by streaming
+weights and its op count and its bytes grow together with the batch, so η_mem and t_op trade against each
+other and the pair that fits `small` best is off for shapes where ops dominate.
 """
 
 from __future__ import annotations
@@ -128,12 +136,12 @@ def bench_from_dict(raw: Any, source: str = "<bench>") -> Bench:
 
 
 def run_work(cfg: ModelConfig, run: BenchRun, fmt: str = "bf16") -> StepWork:
-    """What routed does for one bench run: one device, absorbed attention, weights in `fmt`."""
+    """What routed does for one bench run: one device, its eager engine (absorbed attention), weights in `fmt`."""
     if run.kind == "decode":
         return step_work(cfg, fmt, Parallelism(), "decode", run.batch, run.context,
-                         experts_touched=run.experts_touched)
+                         experts_touched=run.experts_touched, eager=True)
     return step_work(cfg, fmt, Parallelism(), "prefill", run.batch, 0, new_tokens=run.prompt_len,
-                     attention="absorb", experts_touched=run.experts_touched)
+                     experts_touched=run.experts_touched, eager=True)
 
 
 def predict(benches: Sequence[Bench], hw: Hardware, eff: Efficiency) -> list[PredictionRow]:

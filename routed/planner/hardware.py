@@ -10,13 +10,17 @@ JSON file holding one object with these fields (units per device; bandwidths one
      "devices_per_node": 8,           # optional, default 8
      "price_per_hour": 2.5,           # optional: USD per device-hour
      "price_source": "...", "sources": {"compute": "...", ...},   # optional: where the figures come from
-     "overlap_memory_compute": true}  # optional, default true: step terms combine as max (GPU), else add (CPU)
+     "overlap_memory_compute": true,  # optional, default true: step terms combine as max (GPU), else add (CPU)
+     "eager": false, "score_ns": null, "logit_ns": null}  # optional: routed's eager CPU engine runs here
 
-`local` (combining memory and compute time by addition, see roofline.py) is measured on first use — a
-memory-bandwidth probe (copy of a 256 MiB tensor: bytes read + written over the time) and a bf16 matmul
-probe (2048³) at torch's current thread count (or the thread count of the bench files being calibrated on)
-— and cached per thread count in `~/.cache/routed/local_hardware.json`; an entry is re-measured when the
-CPU or the torch version differ (delete the file to re-measure after a change the fingerprint cannot see).
+`local` (combining memory and compute time by addition, and running routed's eager engine, see roofline.py)
+is measured on first use — a memory-bandwidth probe (copy of a 256 MiB tensor: bytes read + written over the
+time), a bf16 matmul probe (2048³), and two probes of routed's own code: its masked softmax over an 8-head
+256×256 score tensor (ns per score element) and the fp32 cast and argmax over 16 rows of a 129,280-entry
+vocabulary (ns per logit) — at torch's current thread count (or the thread count of the bench files being
+calibrated on), and cached per thread count in `~/.cache/routed/local_hardware.json`; an entry is re-measured
+when the CPU, the torch version or the probe differ (delete the file to re-measure after a change the
+fingerprint cannot see).
 Dense TFLOPs are without 2:4 sparsity. GB = 1e9 bytes.
 """
 
@@ -55,12 +59,17 @@ class Hardware:
     sources: dict[str, str] = field(default_factory=dict, compare=False)
     # True: a kernel's memory traffic and arithmetic overlap (GPU roofline: max); False: they add (CPU)
     overlap_memory_compute: bool = True
+    eager: bool = False  # plans run routed's eager engine (roofline.py: op overhead, activations, scores, logits)
+    score_ns: float | None = None  # eager: ns per attention-score element (cast, scale, mask, softmax, cast)
+    logit_ns: float | None = None  # eager: ns per logit element (fp32 cast and argmax)
 
     def describe(self) -> str:
         fp8 = f", fp8 {self.fp8_tflops:g}" if self.fp8_tflops else ""
         links = f", NVLink {self.nvlink_gb_s:g} GB/s, network {self.network_gb_s:g} GB/s" if self.nvlink_gb_s else ""
+        eager = (f", {self.score_ns:.3g} ns/score, {self.logit_ns:.3g} ns/logit"
+                 if self.score_ns is not None and self.logit_ns is not None else "")
         return (f"{self.name}: {self.memory_gb:g} GB, {self.memory_bandwidth_gb_s:g} GB/s, bf16 {self.bf16_tflops:g}"
-                f"{fp8} TFLOPS{links}")
+                f"{fp8} TFLOPS{links}{eager}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,7 +117,7 @@ HARDWARE_PRESETS: dict[str, Hardware] = {
 
 _REQUIRED = ("memory_gb", "memory_bandwidth_gb_s", "bf16_tflops")
 _OPTIONAL = ("fp8_tflops", "nvlink_gb_s", "network_gb_s", "devices_per_node", "price_per_hour", "price_source",
-             "sources", "name", "overlap_memory_compute")
+             "sources", "name", "overlap_memory_compute", "eager", "score_ns", "logit_ns")
 
 
 def get_hardware(spec: str) -> Hardware:
@@ -160,10 +169,14 @@ def hardware_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Hardware:
         price_per_hour=float(raw["price_per_hour"]) if raw.get("price_per_hour") is not None else None,
         price_source=str(raw.get("price_source", "")), sources=dict(raw.get("sources") or {source: "user file"}),
         overlap_memory_compute=bool(raw.get("overlap_memory_compute", True)),
+        eager=bool(raw.get("eager", False)),
+        score_ns=float(raw["score_ns"]) if raw.get("score_ns") is not None else None,
+        logit_ns=float(raw["logit_ns"]) if raw.get("logit_ns") is not None else None,
     )
 
 
 # ---- this machine --------------------------------------------------------------------------------------
+PROBE_VERSION = 2  # 2: + score_ns, logit_ns
 def cache_path() -> Path:
     return Path.home() / ".cache" / "routed" / "local_hardware.json"
 
@@ -181,7 +194,7 @@ def _cpu_name() -> str:
 def _fingerprint(threads: int) -> dict[str, Any]:
     import torch
 
-    return {"cpu": _cpu_name(), "threads": threads, "torch": torch.__version__}
+    return {"cpu": _cpu_name(), "threads": threads, "torch": torch.__version__, "probe": PROBE_VERSION}
 
 
 def local_hardware(path: Path | None = None, remeasure: bool = False, threads: int | None = None) -> Hardware:
@@ -234,13 +247,33 @@ def probe_local(copy_mib: int = 256, matmul_n: int = 2048, repeats: int = 5) -> 
     b = torch.randn(matmul_n, matmul_n).to(torch.bfloat16)
     mm_s = median_seconds(lambda: torch.matmul(a, b))
     tflops = 2 * matmul_n**3 / mm_s / 1e12
+    score_ns, logit_ns = probe_eager(median_seconds)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     threads = torch.get_num_threads()
     return Hardware(
         name=f"local ({_cpu_name()}, {threads} threads)", memory_gb=round(memory, 2),
         memory_bandwidth_gb_s=round(bandwidth, 2), bf16_tflops=round(tflops, 4), devices_per_node=1,
         overlap_memory_compute=False,  # CPU GEMMs at decode sizes take load time plus math time
+        eager=True, score_ns=round(score_ns, 3), logit_ns=round(logit_ns, 3),
         sources={"memory_bandwidth_gb_s": f"measured: torch copy of {copy_mib} MiB, median of {repeats}",
                  "bf16_tflops": f"measured: bf16 matmul {matmul_n}x{matmul_n}x{matmul_n}, median of {repeats}",
+                 "score_ns": f"measured: routed's masked softmax over 8 x 256 x 256 scores, median of {repeats}",
+                 "logit_ns": f"measured: fp32 cast and argmax of 16 x 129,280 logits, median of {repeats}",
                  "memory_gb": "physical memory (sysconf)"},
     )
+
+
+def probe_eager(median_seconds: Any, heads: int = 8, tokens: int = 256, rows: int = 16,
+                vocab: int = 129280) -> tuple[float, float]:
+    """(ns per attention-score element, ns per logit element) of routed's own eager code on this machine."""
+    import torch
+
+    from routed.model.attention import _masked_softmax
+
+    scores = torch.randn(1, heads, tokens, tokens).to(torch.bfloat16)
+    mask = (torch.arange(tokens).unsqueeze(0) <= torch.arange(tokens).unsqueeze(1)).unsqueeze(0)
+    # what absorbed_attention does to its scores: fp32 cast and scale, mask, softmax, cast back
+    score_s = median_seconds(lambda: _masked_softmax(scores.float() * 0.1, mask).to(torch.bfloat16))
+    logits = torch.randn(rows, vocab).to(torch.bfloat16)
+    logit_s = median_seconds(lambda: [int(row.argmax()) for row in logits.float()])  # the runner, then sample_one
+    return score_s / scores.numel() * 1e9, logit_s / logits.numel() * 1e9

@@ -117,7 +117,9 @@ class Plan:
                      "usd_per_million_input_tokens": self.input_cost},
             "efficiency": req.efficiency.to_dict(),
             "step_model": "memory and compute combine as " + ("max (roofline)" if hw.overlap_memory_compute
-                                                              else "a sum (no overlap)"),
+                                                              else "a sum (no overlap)")
+                          + ("; routed's eager engine: + ops x t_op, activation bytes, attention scores and logits"
+                             if hw.eager else ""),
             "notes": self.notes,
         }
 
@@ -126,13 +128,15 @@ def _step_dict(t: StepTime, plan: Plan) -> dict[str, Any]:
     w = t.work
     return {
         "step_seconds": t.step_s, "memory_seconds": t.memory_s, "compute_seconds": t.compute_s,
-        "interconnect_seconds": t.comm_s, "overhead_seconds": t.overhead_s, "bound": t.bound,
+        "interconnect_seconds": t.comm_s, "overhead_seconds": t.overhead_s, "eager_seconds": t.eager_s,
+        "bound": t.bound,
         "tokens_per_step_per_device": w.tokens, "tokens_per_second_per_device": t.tokens_per_second,
         "tokens_per_second_per_node": plan.per_node(t),
         "tokens_per_second_total": t.tokens_per_second * plan.request.parallelism.gpus,
         "weight_bytes": w.weight_bytes, "cache_bytes": w.cache_bytes, "linear_flops": w.linear_flops,
         "attention_flops": w.attention_flops, "nvlink_bytes": w.nvlink_bytes, "network_bytes": w.network_bytes,
         "experts_touched_per_moe_layer": w.experts_touched, "engine_ops": w.ops,
+        "activation_bytes": w.activation_bytes, "score_elements": w.score_elements, "logit_elements": w.logit_elements,
     }
 
 
@@ -160,11 +164,11 @@ def make_plan(req: PlanRequest) -> Plan:
             f"--batch {batch} at --context {req.context} needs {batch * req.context * fit.kv_bytes_per_token / 1e9:.1f}"
             f" GB of latent cache per device; {max_batch} sequences fit beside the weights")
     decode = step_time(step_work(cfg, fmt, par, "decode", batch, req.context,
-                                 devices_per_node=hw.devices_per_node), hw, req.efficiency)
+                                 devices_per_node=hw.devices_per_node, eager=hw.eager), hw, req.efficiency)
     prompts = max(1, PREFILL_TOKENS_PER_STEP // req.context)
     new = max(req.context - req.prefill_cached, 1)
     prefill = step_time(step_work(cfg, fmt, par, "prefill", prompts, 0, new_tokens=new, cached=req.prefill_cached,
-                                  devices_per_node=hw.devices_per_node), hw, req.efficiency)
+                                  devices_per_node=hw.devices_per_node, eager=hw.eager), hw, req.efficiency)
     price = req.price_per_hour if req.price_per_hour is not None else hw.price_per_hour
     notes = _notes(cfg, hw, fmt, par)
     return Plan(req, weights, fit, batch, decode, prefill, prompts, price, notes)
@@ -193,5 +197,5 @@ def batch_sweep(req: PlanRequest, plan: Plan) -> list[tuple[int, StepTime]]:
         batches.append(b)
         b *= 2
     batches.append(top)
-    return [(b, step_time(step_work(cfg, plan.fmt, par, "decode", b, req.context,
-                                    devices_per_node=hw.devices_per_node), hw, req.efficiency)) for b in batches]
+    return [(b, step_time(step_work(cfg, plan.fmt, par, "decode", b, req.context, devices_per_node=hw.devices_per_node,
+                                    eager=hw.eager), hw, req.efficiency)) for b in batches]

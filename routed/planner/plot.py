@@ -14,7 +14,8 @@ from pathlib import Path
 from routed.planner.plan import Plan
 from routed.planner.roofline import StepTime, cost_per_million
 
-_REGIME_COLORS = {"memory": "#dbe9f6", "compute": "#fde2c8", "interconnect": "#e3f1df", "overhead": "#eeeeee"}
+_REGIME_COLORS = {"memory": "#dbe9f6", "compute": "#fde2c8", "interconnect": "#e3f1df", "overhead": "#eeeeee",
+                  "eager": "#f3e5f5"}
 
 
 def _ceiling(t: StepTime, seconds: float) -> float:

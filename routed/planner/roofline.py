@@ -26,21 +26,41 @@ Time per step (the efficiency factors are printed with every plan):
     t_attention = combine(cache bytes / (BW·η_mem), attention FLOPs / (bf16 peak·η_compute))
     t_comm      = max(network bytes / network BW, NVLink bytes / NVLink BW) / η_comm
     t_overhead  = t_op · engine ops per step
+    t_eager     = activation bytes / BW + score elements · t_score + logit elements · t_logit
     t_step      = t_weights + t_attention + t_comm − overlap·min(t_weights + t_attention, t_comm) + t_overhead
+                  + t_eager
 combine = max (a GPU kernel overlaps its loads with its math: the roofline) or sum (`local`: on a CPU the
 decode-sized GEMMs measure as load time plus math time; `Hardware.overlap_memory_compute`). The linear peak
 is the fp8 rate for fp8 weights on hardware that has it, else bf16 (int8/int4 are weight-only formats,
 dequantised to bf16).
 
-Engine ops (`engine_ops`): routed runs eagerly, one PyTorch op at a time, and on a CPU each op has a fixed
-cost t_op beyond its bytes and FLOPs. The op count per step is routed's own, measured by counting aten ops
-in engine steps of the tiny, medium and small presets (routing telemetry off, as `routed bench` runs;
-decode at 1-16 sequences, prefills of 64 and 256 tokens) and fitted to within ±12% (±6% beyond tiny):
-81 per step + 123 per layer + 27 per layer per sequence + 14 per routed expert run. In a prefill step each
-expert's three GEMMs meet a token count they have not seen, and oneDNN plans a bf16 GEMM afresh for each
-new shape (measured: ~59 µs a call against ~18 µs for a repeated shape), so they count 3 op-times more
-each. t_op defaults to 0 (GPU plans: CUDA graphs; not modelled) and is calibrated from `routed bench` files
-for `local`.
+routed's own CPU engine (`eager=True`: the calibration runs, and plans on hardware marked `eager`, i.e.
+`local`) runs one PyTorch op at a time, and five things a fused GPU kernel hides cost time there:
+
+* Engine ops (`engine_ops`): each op has a fixed cost t_op (Python, dispatch, oneDNN's per-call overhead)
+  beyond its bytes and FLOPs. The op count per step is routed's own, counted with a TorchDispatchMode over
+  engine steps (routing telemetry off, as `routed bench` runs) of the tiny preset with 2-5 layers, 0-3 of
+  them dense, decode at 1-16 sequences and prefills of 64-200 tokens, and of the tiny, demo, medium and
+  small shapes: 27 per step + 80 per dense layer + 124 per MoE layer + 28 per layer per sequence (the
+  per-sequence attention loop) + 22 per sequence (slots, sampling) + 14 per routed expert run, within
+  ±0.4% of every count.
+* Activation traffic: every op reads and writes its inputs and outputs (nothing is fused). Counted the same
+  way (2 × the bytes of each non-view, non-GEMM op's output): 187 B per token per layer per hidden unit,
+  + 34 B per token per MoE layer per hidden unit per chosen expert (the gather, weighting and index_add of the
+  routed experts), + 13 B per token per layer per head per latent unit (the absorbed query); within 13% of
+  the counted bytes for prefills and for decode at 4 or more sequences (at one sequence, where they are a few
+  MB, up to 41% under); charged at the probed copy bandwidth.
+* Attention scores: the absorbed path computes every (query, key) score per head and masks afterwards, so
+  its attention FLOPs count all keys (not the causal half), and each score element passes through an fp32
+  cast, the scale, the mask, the softmax and a cast back: t_score per element, probed (`Hardware.score_ns`;
+  ~5 ns on one thread here, so a 256-token prefill of `small` spends ~40 ms on 8.4M scores).
+* Logits: the fp32 cast and argmax over the vocabulary of every sampled row: t_logit per element, probed
+  (`Hardware.logit_ns`, ~1 ns: 0.13 ms per sequence per step under DeepSeek's 129,280-token vocabulary).
+* And the per-sequence attention loop multiplies `kv_b_proj` (W_UK into the query, W_UV out of the latent)
+  once per sequence: its bytes are read once per sequence, not once per step.
+
+t_op defaults to 0 (GPU plans: CUDA graphs; not modelled) and is calibrated from `routed bench` files for
+`local`, together with η_mem and η_compute; t_score and t_logit are measured by the probe, not fitted.
 """
 
 from __future__ import annotations
@@ -52,6 +72,7 @@ from routed.config import ModelConfig
 from routed.planner.hardware import Hardware
 from routed.planner.memory import (
     Parallelism,
+    TensorSpec,
     expert_bytes,
     kv_bytes_per_token,
     tensor_bytes,
@@ -97,6 +118,9 @@ class StepWork:
     network_bytes: float
     experts_touched: float  # per MoE layer on this device
     ops: float  # engine ops per step (routed's eager count; see engine_ops)
+    activation_bytes: float = 0.0  # eager only: bytes the unfused ops read and write
+    score_elements: float = 0.0  # eager only: attention (query, key, head) scores computed
+    logit_elements: float = 0.0  # eager only: vocabulary entries cast and searched for sampling
 
 
 @dataclass(slots=True)
@@ -107,12 +131,13 @@ class StepTime:
     comm_s: float
     overhead_s: float  # t_op × engine ops
     step_s: float
+    eager_s: float = 0.0  # activation traffic, attention scores and logits of an eager engine
 
     @property
     def bound(self) -> str:
-        """Which term dominates the step: memory, compute, interconnect or overhead."""
+        """Which term dominates the step: memory, compute, interconnect, overhead or eager."""
         terms = {"memory": self.memory_s, "compute": self.compute_s, "interconnect": self.comm_s,
-                 "overhead": self.overhead_s}
+                 "overhead": self.overhead_s, "eager": self.eager_s}
         return max(terms, key=terms.__getitem__)
 
     @property
@@ -127,14 +152,18 @@ def expected_distinct_experts(n_experts: int, k: int, tokens: float) -> float:
     return n_experts * (1.0 - (1.0 - k / n_experts) ** tokens)
 
 
-ENGINE_OPS = {"step": 81, "layer": 123, "layer_sequence": 27, "expert": 14, "prefill_expert": 9}
+ENGINE_OPS = {"step": 27, "dense_layer": 80, "moe_layer": 124, "layer_sequence": 28, "sequence": 22, "expert": 14}
+# activation bytes per token: per layer per hidden unit, per MoE layer per hidden unit per chosen expert, per layer
+# per head per latent unit (see the module docstring)
+ACTIVATION_BYTES = {"hidden": 187, "expert_hidden": 34, "head_latent": 13}
 
 
-def engine_ops(layers: int, sequences: float, experts_run: float, prefill: bool) -> float:
+def engine_ops(dense_layers: int, moe_layers: int, sequences: float, experts_run: float) -> float:
     """PyTorch ops routed dispatches in one step (see the module docstring for where the counts come from)."""
     c = ENGINE_OPS
-    per_expert = c["expert"] + (c["prefill_expert"] if prefill else 0)
-    return c["step"] + layers * (c["layer"] + c["layer_sequence"] * sequences) + per_expert * experts_run
+    layers = dense_layers + moe_layers
+    return (c["step"] + c["dense_layer"] * dense_layers + c["moe_layer"] * moe_layers
+            + (c["layer_sequence"] * layers + c["sequence"]) * sequences + c["expert"] * experts_run)
 
 
 def _node_hit(n_experts: int, k: int, nodes: int) -> float:
@@ -146,6 +175,7 @@ def _node_hit(n_experts: int, k: int, nodes: int) -> float:
 def step_work(
     cfg: ModelConfig, fmt: str, par: Parallelism, mode: str, batch: int, context: int, new_tokens: int = 1,
     cached: int = 0, attention: str = "mha", devices_per_node: int = 8, experts_touched: float | None = None,
+    eager: bool = False,
 ) -> StepWork:
     """Count one device's bytes, FLOPs and interconnect bytes for one step (see the module docstring).
 
@@ -153,7 +183,12 @@ def step_work(
     prefill: `new_tokens` = prompt tokens computed per sequence, `cached` = prefix already cached.
     experts_touched: distinct experts read per MoE layer per step on this device, when measured (a bench of
     a random checkpoint, whose router is far from uniform); default: the uniform-routing expectation.
+    eager: routed's own CPU engine (absorbed attention per sequence, unfused ops): adds the activation
+    bytes, score and logit elements, full-key attention FLOPs and per-sequence kv_b reads of the module
+    docstring. Implies attention="absorb".
     """
+    if eager:
+        attention = "absorb"
     decode = mode == "decode"
     q = 1 if decode else new_tokens
     T = batch * q  # tokens per attention data-parallel rank (a TP group)
@@ -189,7 +224,8 @@ def step_work(
         cache_bytes = batch * (context + 1) * kv_tok  # read the context, write the new latent
         attention_flops = layers * T * 2 * H_local * context * (2 * L + R)
     else:
-        keys = cached + (q + 1) / 2  # average keys a causal query attends
+        # average keys a causal query attends; routed's eager path scores every key and masks afterwards
+        keys = cached + q if eager else cached + (q + 1) / 2
         cache_bytes = batch * (cached + q) * kv_tok  # read the cached prefix, write the new latents
         if attention == "absorb":
             attention_flops = layers * T * 2 * H_local * keys * (2 * L + R)
@@ -197,9 +233,18 @@ def step_work(
             attention_flops = layers * (T * 2 * H_local * keys * (N + R + V)
                                         + batch * cached * 2 * L * H_local * (N + V))
     nvlink, network = _comm_bytes(cfg, fmt, par, decode, T, moe_layers, devices_per_node)
-    ops = engine_ops(cfg.num_hidden_layers, batch, moe_layers * touched, prefill=not decode)
+    ops = engine_ops(layers - moe_layers, moe_layers, batch, moe_layers * touched)
+    activation = scores = logits = 0.0
+    if eager:
+        a = ACTIVATION_BYTES
+        activation = T * (a["hidden"] * layers * cfg.hidden_size + a["expert_hidden"] * moe_layers * k * cfg.hidden_size
+                          + a["head_latent"] * layers * H_local * L)
+        scores = layers * batch * H_local * q * (context + 1 if decode else cached + q)
+        logits = batch * cfg.vocab_size  # one sampled row per sequence
+        kv_b = TensorSpec("kv_b_proj", "attention", cfg.num_attention_heads * (N + V), L, linear=True)
+        weight_bytes += (batch - 1) * layers * tensor_bytes(kv_b, fmt) / par.tp  # read again for every sequence
     return StepWork(mode, T / par.tp, weight_bytes, cache_bytes, linear_flops, attention_flops, fmt == "fp8",
-                    nvlink, network, touched, ops)
+                    nvlink, network, touched, ops, activation, scores, logits)
 
 
 def _comm_bytes(
@@ -248,8 +293,10 @@ def step_time(work: StepWork, hw: Hardware, eff: Efficiency) -> StepTime:
         comm = math.inf  # a multi-device plan on hardware without the link it needs
     comm /= eff.comm
     overhead = eff.op_s * work.ops
-    step = compute_side + comm - eff.overlap * min(compute_side, comm) + overhead
-    return StepTime(work, mem_w + mem_a, fl_w + fl_a, comm, overhead, step)
+    eager = (work.activation_bytes / (hw.memory_bandwidth_gb_s * 1e9) + work.score_elements * (hw.score_ns or 0) * 1e-9
+             + work.logit_elements * (hw.logit_ns or 0) * 1e-9)
+    step = compute_side + comm - eff.overlap * min(compute_side, comm) + overhead + eager
+    return StepTime(work, mem_w + mem_a, fl_w + fl_a, comm, overhead, step, eager)
 
 
 def cost_per_million(tokens_per_second_per_device: float, price_per_hour: float | None) -> float | None:
