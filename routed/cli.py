@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,9 +48,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     from routed.config import EngineConfig
 
-    llm = LLM(args.model, dtype=args.dtype, engine_config=EngineConfig(speculative=args.speculative,
-                                                                       max_ram_gb=args.max_ram),
-              progress=not args.json)
+    llm = LLM(args.model, dtype=args.dtype, engine_config=EngineConfig(
+        speculative=args.speculative, max_ram_gb=args.max_ram, **_ep_config(args)), progress=not args.json)
     load_seconds = time.perf_counter() - t0
     if args.chat:
         prompt_ids = [llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
@@ -137,6 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
         enable_prefix_caching=not args.no_prefix_caching, routing_window_tokens=args.routing_window,
         record_routing=args.record_routing, speculative=args.speculative, max_ram_gb=args.max_ram,
+        **_ep_config(args),
     )
     serve(args.model, args.host, args.port, args.api_key or os.environ.get("ROUTED_API_KEY"), args.dtype,
           engine_config, args.served_model_name, args.max_body_bytes, args.drain_timeout, args.price_per_hour)
@@ -300,6 +301,39 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ep_config(args: argparse.Namespace) -> dict[str, Any]:
+    """EngineConfig fields of --ep / --placement / --ep-timeout (torchrun sets the world size itself)."""
+    from routed.parallel.ep import torchrun_env
+
+    env = torchrun_env()
+    ep = env[1] if env is not None and args.ep == 1 else args.ep
+    if args.placement is not None and not Path(args.placement).is_file():
+        raise RoutedError(f"--placement {args.placement}: no such file (write one with `routed eplb`)")
+    return {"ep": ep, "placement": args.placement, "ep_timeout_s": args.ep_timeout}
+
+
+def _add_ep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ep", type=_positive_int, default=1, metavar="N",
+                   help="expert parallelism: shard the routed experts over N ranks (processes) on this machine; "
+                        "under torchrun, the ranks torchrun starts (default 1)")
+    p.add_argument("--placement", default=None, metavar="FILE",
+                   help="expert placement from `routed eplb` (replicas of hot experts; default: contiguous blocks)")
+    p.add_argument("--ep-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds a rank may stay silent in a step before it is declared hung (default 120)")
+
+
+def run_torchrun_worker(args: argparse.Namespace) -> int:
+    """Under torchrun, ranks > 0 of generate/serve/bench load their experts and follow rank 0's steps."""
+    import torch
+
+    from routed.parallel.ep import LoadSpec, run_worker
+
+    _model_or_demo(args)
+    spec = LoadSpec(args.model, args.dtype, mtp=getattr(args, "speculative", None) == "mtp",
+                    quant=getattr(args, "quant", None), placement=args.placement, threads=torch.get_num_threads())
+    return run_worker(spec, args.ep_timeout)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -336,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft with the MTP module and verify in the same step (greedy: same output, faster)")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: text, token_ids, prompt/completion tokens, seconds, tokens/s")
+    _add_ep_args(g)
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="parameters, layers, experts, bytes and the loader's plan for a checkpoint",
@@ -377,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="machine price for the $/Mtok gauges (default 0.10: a 2-vCPU cloud VM, on-demand)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
+    _add_ep_args(s)
     s.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("stats", help="routing pictures and a summary from a text or a recording",
@@ -463,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "ep") and os.environ.get("RANK", "0") != "0":  # a torchrun rank > 0
+            return run_torchrun_worker(args)
         return args.func(args)
     except RoutedError as e:
         print(f"routed: error: {e}", file=sys.stderr)

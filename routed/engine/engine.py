@@ -136,6 +136,11 @@ class LLMEngine:
         if (group := getattr(self.model, "ep_group", None)) is not None:
             group.close()
 
+    def ranks(self) -> list[dict] | None:
+        """Expert-parallel ranks (pid, alive, expert pairs computed), or None without expert parallelism."""
+        group = getattr(self.model, "ep_group", None)
+        return group.ranks(self.model) if group is not None else None
+
     def check_ranks(self) -> None:
         """Raise RankFailed if an expert-parallel worker has died (cheap; called between steps)."""
         if (group := getattr(self.model, "ep_group", None)) is not None:

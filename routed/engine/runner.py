@@ -21,6 +21,7 @@ from routed.engine.request import TokenLogprob
 from routed.engine.scheduler import ScheduledSeq, SchedulerOutput
 from routed.model.attention import PagedBatch
 from routed.model.deepseek_v3 import Transformer
+from routed.parallel.ep import RankFailed
 from routed.sampling import sample_one
 
 
@@ -46,9 +47,14 @@ class ModelRunner:
 
     def _call(self, op: str, args: tuple, batch: PagedBatch) -> torch.Tensor:
         """model.op(*args, batch) here, and on every expert-parallel worker over its own cache."""
-        if self.ep is not None:
-            self.ep.send((op, args, (batch.slots_N, batch.seq_bounds, batch.key_slots)))
-        return getattr(self.model, op)(*args, batch)
+        if self.ep is None:
+            return getattr(self.model, op)(*args, batch)
+        try:
+            with self.ep.lock:  # no heartbeat between the command and the step's collectives
+                self.ep.send((op, args, (batch.slots_N, batch.seq_bounds, batch.key_slots)))
+                return getattr(self.model, op)(*args, batch)
+        except RankFailed as e:  # a collective inside the model failed: say which rank, if known
+            raise self.ep.diagnose(str(e)) from None
 
     def forget(self, request_id: str) -> None:
         self.generators.pop(request_id, None)

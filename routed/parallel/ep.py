@@ -15,9 +15,10 @@ One all_reduce of [tokens, hidden] fp32 per MoE layer: on one machine with repli
 simpler than all-to-all dispatch + combine and moves the same order of bytes for small batches (measured in
 BENCHMARKS.md). gloo on CPU, nccl on GPU.
 
-Process groups: the default group (timeout `timeout_s`) carries the per-layer all_reduce — a rank that hangs
-mid-step fails the step after `timeout_s`; a second group with a long timeout carries the step commands, so
-idle workers wait for work without timing out. A rank that dies breaks the collectives at once.
+Process groups: the default group (timeout `timeout_s`) carries the step commands and the per-layer
+all_reduce — a rank that hangs fails the step after `timeout_s`, a rank that dies breaks it at once; while
+rank 0 is idle it broadcasts a heartbeat every `timeout_s / 4` so waiting workers do not time out. A second
+group with a long timeout carries only the after-loading barrier (loading a large checkpoint takes minutes).
 
 Launch: `--ep N` spawns ranks 1..N-1 on this machine (`launch`); under `torchrun` (RANK / WORLD_SIZE set)
 every process runs the same command and ranks > 0 become workers (`run_worker`).
@@ -144,17 +145,22 @@ class ExpertParallel:
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line.split(". This is typically")[0][:300]  # gloo's advice to "check the logs" is noise here
 
 
 # ---- process group and the step channel ---------------------------------------------------------------
 class EPGroup:
     """Rank 0's side of the group: send each step's model call to the workers; watch spawned workers."""
 
-    def __init__(self, world: int, cmd_group: Any, procs: list[Any] | None = None) -> None:
-        self.world, self.cmd_group, self.procs = world, cmd_group, procs or []
+    def __init__(self, world: int, load_group: Any, timeout_s: float, procs: list[Any] | None = None) -> None:
+        self.world, self.load_group, self.procs = world, load_group, procs or []
+        self.lock = threading.RLock()  # one collective sequence at a time: steps and heartbeats
+        self.heartbeat_s = timeout_s / 4
+        self.last_sent = time.monotonic()
         self.error: str | None = None
         self.closed = False
+        self.started = False  # every rank loaded and entered its step loop
         if self.procs:
             threading.Thread(target=self._watch, daemon=True, name="ep-watchdog").start()
         atexit.register(self.close)
@@ -168,26 +174,65 @@ class EPGroup:
                     return
             time.sleep(0.2)
 
+    def ranks(self, model: Any) -> list[dict[str, Any]]:
+        """Per rank: pid (for ranks this process started), alive, and the (token, expert) pairs it has
+        computed over the main model's MoE layers since the counters were last reset."""
+        pairs = sum((ep.rank_tokens() for ep in model_eps(model)), torch.zeros(self.world, dtype=torch.long))
+        out = [{"rank": 0, "pid": os.getpid(), "alive": True}]
+        for rank in range(1, self.world):
+            p = self.procs[rank - 1] if self.procs else None
+            out.append({"rank": rank, "pid": p.pid if p else None,
+                        "alive": (p.poll() is None) if p else self.error is None})
+        for row, n in zip(out, pairs.tolist()):
+            row["expert_pairs"] = n
+        return out
+
     def check(self) -> None:
         if self.error:
             raise RankFailed(self.error)
 
+    def diagnose(self, detail: str) -> RankFailed:
+        """After a failed collective: name the rank that exited if this process started it."""
+        if self.error is None:
+            gone = [(rank, p.poll()) for rank, p in enumerate(self.procs, start=1) if p.poll() is not None]
+            self.error = (f"expert-parallel rank {gone[0][0]} exited (code {gone[0][1]})" if gone else detail)
+        return RankFailed(self.error)
+
+    def start(self) -> None:
+        """Every rank is in its step loop: keep idle workers fed with heartbeats."""
+        self.started = True
+        threading.Thread(target=self._heartbeat, daemon=True, name="ep-heartbeat").start()
+
+    def _heartbeat(self) -> None:
+        while not self.closed and self.error is None:
+            time.sleep(self.heartbeat_s / 2)
+            with self.lock:
+                if self.closed or self.error or time.monotonic() - self.last_sent < self.heartbeat_s:
+                    continue
+                try:
+                    self.send(("noop", (), None))
+                except RankFailed as e:
+                    log.error("%s", e)
+
     def send(self, message: Any) -> None:
         self.check()
         try:
-            dist.broadcast_object_list([message], src=0, group=self.cmd_group)
+            with self.lock:
+                dist.broadcast_object_list([message], src=0)
+                self.last_sent = time.monotonic()
         except (RuntimeError, dist.DistBackendError) as e:
-            self.error = self.error or f"expert-parallel workers unreachable: {_first_line(e)}"
-            raise RankFailed(self.error) from None
+            time.sleep(0.1)  # a dead worker's exit status may lag its closed socket
+            raise self.diagnose(f"expert-parallel workers unreachable (a rank died or hung): {_first_line(e)}") from None
 
     def close(self) -> None:
         """Stop the workers (they leave their loop) and tear the group down."""
         if self.closed:
             return
         self.closed = True
-        if not self.error:
+        if self.started and not self.error:
             try:
-                dist.broadcast_object_list([None], src=0, group=self.cmd_group)
+                with self.lock:
+                    dist.broadcast_object_list([None], src=0)
             except Exception:  # noqa: BLE001 — a worker already gone: nothing left to stop
                 pass
         for p in self.procs:
@@ -214,7 +259,7 @@ def _init(rank: int, world: int, timeout_s: float, store: Any = None) -> Any:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     kwargs = {"store": store} if store is not None else {"init_method": "env://"}
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s), **kwargs)
-    return dist.new_group(backend="gloo", timeout=timedelta(days=365))
+    return dist.new_group(backend="gloo", timeout=timedelta(days=1))  # the after-loading barrier
 
 
 @dataclass(frozen=True)
@@ -248,7 +293,7 @@ def launch(spec: LoadSpec, world: int, timeout_s: float = DEFAULT_TIMEOUT_S, pro
         if world not in (1, world_env):
             raise RoutedError(f"--ep {world} but torchrun started {world_env} processes; pass --ep {world_env}")
         world = world_env
-        cmd_group = _init(0, world, timeout_s)
+        load_group = _init(0, world, timeout_s)
     else:
         if world < 2:
             raise RoutedError("--ep must be at least 2 for expert parallelism")
@@ -259,14 +304,19 @@ def launch(spec: LoadSpec, world: int, timeout_s: float = DEFAULT_TIMEOUT_S, pro
             procs.append(subprocess.Popen([sys.executable, "-m", "routed.parallel.worker", job]))
         torch.set_num_threads(spec.threads)
         _wait_for_workers(store, procs, timeout_s)
-        cmd_group = _init(0, world, timeout_s, store)
-    group = EPGroup(world, cmd_group, procs)
+        load_group = _init(0, world, timeout_s, store)
+    group = EPGroup(world, load_group, timeout_s, procs)
+    error, model = None, None
     try:
         model = _load_shard(spec, 0, world, progress)
-        _barrier(group, "loading the model")
+    except Exception as e:  # noqa: BLE001 — the workers wait in the barrier for rank 0's word
+        error = e
+    try:
+        _barrier(group, "loading the model", error)
     except BaseException:
         group.close()
         raise
+    group.start()
     model.ep_group = group
     return model
 
@@ -289,16 +339,22 @@ def _wait_for_workers(store: Any, procs: list[subprocess.Popen], timeout_s: floa
         time.sleep(0.05)
 
 
-def _barrier(group: EPGroup, what: str) -> None:
-    """Every rank reports whether it loaded; a rank that failed says why."""
+def _barrier(group: EPGroup, what: str, own_error: Exception | None) -> None:
+    """Every rank says whether it loaded; any failure fails the launch (rank 0's own error as it is)."""
     results: list[Any] = [None] * group.world
     try:
-        dist.all_gather_object(results, None, group=group.cmd_group)
+        dist.all_gather_object(results, _describe(own_error), group=group.load_group)
     except (RuntimeError, dist.DistBackendError) as e:
         raise RankFailed(group.error or f"expert-parallel rank failed while {what}: {_first_line(e)}") from None
+    if own_error is not None:
+        raise own_error
     errors = [f"rank {r}: {err}" for r, err in enumerate(results) if err]
     if errors:
         raise RankFailed(f"expert-parallel ranks failed while {what}: " + "; ".join(errors))
+
+
+def _describe(e: Exception | None) -> str | None:
+    return None if e is None else f"{type(e).__name__}: {_first_line(e)}"
 
 
 def spawned_worker(job: dict[str, Any]) -> None:
@@ -308,8 +364,8 @@ def spawned_worker(job: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"routed rank {rank}: %(levelname)s %(message)s")
     store = dist.TCPStore("127.0.0.1", job["port"], world, False, timedelta(seconds=job["timeout_s"]))
     store.set(f"routed/up/{rank}", "1")
-    cmd_group = _init(rank, world, job["timeout_s"], store)
-    _serve(spec, rank, world, cmd_group)
+    load_group = _init(rank, world, job["timeout_s"], store)
+    _serve(spec, rank, world, load_group)
 
 
 def run_worker(spec: LoadSpec, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
@@ -317,22 +373,24 @@ def run_worker(spec: LoadSpec, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
     env = torchrun_env()
     if env is None or env[0] == 0:
         raise RoutedError("run_worker() is for torchrun ranks > 0")
-    cmd_group = _init(env[0], env[1], timeout_s)
-    _serve(spec, env[0], env[1], cmd_group)
+    load_group = _init(env[0], env[1], timeout_s)
+    _serve(spec, env[0], env[1], load_group)
     return 0
 
 
-def _serve(spec: LoadSpec, rank: int, world: int, cmd_group: Any) -> None:
-    error = None
+def _serve(spec: LoadSpec, rank: int, world: int, load_group: Any) -> None:
+    error, model = None, None
     try:
         model = _load_shard(spec, rank, world, progress=False)
     except Exception as e:  # noqa: BLE001 — reported to rank 0, which names it
-        error, model = f"{type(e).__name__}: {_first_line(e)}", None
-    dist.all_gather_object([None] * world, error, group=cmd_group)
-    if model is None:
+        error = e
+    results: list[Any] = [None] * world
+    dist.all_gather_object(results, _describe(error), group=load_group)
+    if any(results):  # some rank (maybe rank 0) failed to load: the launch is off
+        dist.destroy_process_group()
         return
     try:
-        worker_loop(model, cmd_group)
+        worker_loop(model)
     except (RuntimeError, dist.DistBackendError) as e:  # rank 0 went away or a peer died
         log.warning("leaving: %s", _first_line(e))
     finally:
@@ -341,7 +399,7 @@ def _serve(spec: LoadSpec, rank: int, world: int, cmd_group: Any) -> None:
 
 
 @torch.inference_mode()
-def worker_loop(model: Any, cmd_group: Any) -> None:
+def worker_loop(model: Any) -> None:
     """Mirror rank 0's model calls: ("cache", slots) makes the latent cache; (method, args, batch fields)
     runs `model.method(*args, PagedBatch(cache, *fields))`; None stops."""
     from routed.model.attention import PagedBatch
@@ -349,10 +407,12 @@ def worker_loop(model: Any, cmd_group: Any) -> None:
     cache = None
     while True:
         message: list[Any] = [None]
-        dist.broadcast_object_list(message, src=0, group=cmd_group)
+        dist.broadcast_object_list(message, src=0)
         if message[0] is None:
             return
         op, args, fields = message[0]
+        if op == "noop":  # rank 0's heartbeat
+            continue
         if op == "cache":
             cache = model.new_cache(*args)
         elif op == "set_impl":

@@ -117,6 +117,8 @@ def create_app(engine: AsyncEngine, metrics: Metrics, model_name: str, api_key: 
             body["error"] = engine.error
         if engine.engine is not None:
             body["routing_alerts"] = [a.as_dict() for a in engine.engine.routing.alerts()]
+            if (ranks := engine.engine.ranks()) is not None:
+                body["ranks"] = ranks
         return JSONResponse(body, 200 if engine.state == "ready" else 503)
 
     @app.get("/metrics")
@@ -143,6 +145,8 @@ def create_app(engine: AsyncEngine, metrics: Metrics, model_name: str, api_key: 
     # ---- generation --------------------------------------------------------------------------------
     def ready_engine():  # noqa: ANN202
         if engine.state != "ready" or engine.engine is None:
+            if engine.error:  # failed: say why (a bad checkpoint, an expert-parallel rank that died)
+                raise ApiError(503, f"the engine is {engine.state}: {engine.error}")
             raise ApiError(503, f"the engine is {engine.state}; retry later")
         return engine.engine
 
