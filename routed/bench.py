@@ -25,9 +25,11 @@ import torch
 
 from routed.config import EngineConfig
 from routed.engine.engine import LLMEngine
+from routed.errors import RoutedError
 from routed.loader import load_model
-from routed.model.experts import RoutedExperts
 from routed.model.deepseek_v3 import Transformer
+from routed.model.experts import RoutedExperts
+from routed.parallel.ep import LoadSpec, launch
 from routed.progress import progress_bar
 from routed.sampling import SamplingParams
 from routed.tokenizer import Tokenizer
@@ -135,9 +137,16 @@ def _decode(engine: LLMEngine, batch: int, gen_len: int, rng: random.Random) -> 
 
 def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: tuple[int, ...] = (1, 8, 16),
           quant: str | None = None, dtype: str = "bf16", repeats: int = 3, price_per_hour: float = 0.10,
-          compare_transformers: bool = False, progress: bool = True, max_ram_gb: float | None = None) -> dict[str, Any]:
+          compare_transformers: bool = False, progress: bool = True, max_ram_gb: float | None = None,
+          ep: int = 1, placement: str | None = None, ep_timeout_s: float = 120.0) -> dict[str, Any]:
     start = time.perf_counter()
-    model = load_model(path, dtype, progress=progress, quant=quant, max_ram_gb=max_ram_gb)
+    if ep > 1:  # expert parallelism: ranks 1.. on this machine share the cores with rank 0
+        if max_ram_gb:
+            raise RoutedError("expert parallelism and --max-ram (expert offload) do not combine; pick one")
+        spec = LoadSpec(str(path), dtype, False, quant, placement, threads=max(1, torch.get_num_threads() // ep))
+        model = launch(spec, ep, ep_timeout_s, progress=progress)
+    else:
+        model = load_model(path, dtype, progress=progress, quant=quant, max_ram_gb=max_ram_gb)
     load_s = time.perf_counter() - start
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     tok = Tokenizer.from_pretrained(path)
@@ -190,6 +199,11 @@ def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: 
         "weight_bytes": weight_bytes, "peak_rss_bytes": peak_rss, "memory_bandwidth_gbs": bandwidth,
         "runs": runs,
     }
+    if (ranks := engine.ranks()) is not None:  # (token, expert) pairs each rank computed over the whole bench
+        pairs = [r["expert_pairs"] for r in ranks]
+        out["ep"] = {"ranks": len(ranks), "placement": placement, "expert_pairs_per_rank": pairs,
+                     "max_over_mean": max(pairs) * len(pairs) / max(sum(pairs), 1)}
+        engine.close()
     best_decode = max(r["tokens_per_second"] for r in runs if r["kind"] == "decode")
     out["cost"] = {"price_per_hour": price_per_hour,
                    "usd_per_mtok_input": price_per_hour / 3600 / runs[0]["tokens_per_second"] * 1e6,

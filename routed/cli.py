@@ -259,7 +259,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     result = bench(args.model, args.prompt_len, args.gen_len, batches, args.quant, args.dtype, args.repeats,
-                   args.price_per_hour, args.compare_transformers, progress=not args.json, max_ram_gb=args.max_ram)
+                   args.price_per_hour, args.compare_transformers, progress=not args.json, max_ram_gb=args.max_ram,
+                   **_ep_config(args))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -285,6 +286,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cost = result["cost"]
     console.print(f"at ${cost['price_per_hour']:.2f}/hour: ${cost['usd_per_mtok_input']:.2f} per million input "
                   f"tokens, ${cost['usd_per_mtok_output']:.2f} per million output tokens")
+    if "ep" in result:
+        ep = result["ep"]
+        console.print(f"expert parallelism: {ep['ranks']} ranks, (token, expert) pairs per rank "
+                      f"{ep['expert_pairs_per_rank']}, max/mean {ep['max_over_mean']:.3f}")
     if "transformers" in result:
         hf, ratio = result["transformers"], result["ratio_vs_transformers"]
         console.print(f"transformers, same checkpoint: prefill {hf['prefill']:.1f} tok/s, decode batch 1 "
@@ -472,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-ram", type=float, default=None, metavar="GB",
                    help="keep routed experts beyond this budget on disk behind an LRU cache")
     b.add_argument("--json", action="store_true")
+    _add_ep_args(b)
     b.set_defaults(func=cmd_bench)
 
     from routed.parallel.eplb_cli import add_parser as add_eplb_parser

@@ -154,6 +154,10 @@ def test_server_reports_a_dead_rank_and_fails_requests(tiny_preset: Path) -> Non
         assert reply.usage.completion_tokens == 4
         health = httpx.get(f"{srv.url}/health").json()
         assert [r["rank"] for r in health["ranks"]] == [0, 1]
+        routing = httpx.get(f"{srv.url}/v1/routing", headers={"Authorization": f"Bearer {KEY}"}).json()
+        pairs = [r["expert_pairs"] for r in routing["ranks"]]  # per-rank load in the routing telemetry
+        assert sum(pairs) == 2 * 4 * (reply.usage.total_tokens - 1) and min(pairs) > 0  # tokens x top-4 x 2 MoE layers
+        assert srv.metric('routed_ep_rank_alive{rank="1"}') == 1.0
         os.kill(health["ranks"][1]["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 15
         while httpx.get(f"{srv.url}/health").status_code == 200 and time.monotonic() < deadline:

@@ -141,6 +141,14 @@ class LLMEngine:
         group = getattr(self.model, "ep_group", None)
         return group.ranks(self.model) if group is not None else None
 
+    def reset_routing(self) -> None:
+        """Zero the routing telemetry (both windows, alerts) and the per-rank expert counters."""
+        self.routing.reset()
+        from routed.parallel.ep import model_eps
+
+        for ep in model_eps(self.model):
+            ep.slot_tokens.zero_()
+
     def check_ranks(self) -> None:
         """Raise RankFailed if an expert-parallel worker has died (cheap; called between steps)."""
         if (group := getattr(self.model, "ep_group", None)) is not None:

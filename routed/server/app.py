@@ -135,11 +135,15 @@ def create_app(engine: AsyncEngine, metrics: Metrics, model_name: str, api_key: 
     @app.get("/v1/routing", dependencies=[Depends(check_key)])
     async def routing() -> dict[str, Any]:
         """Layers x experts counts for the cumulative and sliding windows, their measures, the alerts."""
-        return ready_engine().routing.snapshot()
+        ready = ready_engine()
+        snapshot = ready.routing.snapshot()
+        if (ranks := ready.ranks()) is not None:  # expert parallelism: the load each rank carried
+            snapshot["ranks"] = ranks
+        return snapshot
 
     @app.post("/v1/routing/reset", dependencies=[Depends(check_key)])
     async def routing_reset() -> dict[str, Any]:
-        ready_engine().routing.reset()
+        ready_engine().reset_routing()
         return {"reset": True}
 
     # ---- generation --------------------------------------------------------------------------------

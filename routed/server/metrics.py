@@ -116,3 +116,14 @@ class RoutingCollector(Collector):
         for kind, n in counts.items():
             alerts.add_metric([kind], n)
         yield alerts
+        if (ranks := self.engine.engine.ranks()) is not None:
+            pairs = GaugeMetricFamily("routed_ep_rank_expert_pairs",
+                                      "(token, expert) pairs each expert-parallel rank computed since the last reset",
+                                      labels=["rank"])
+            alive = GaugeMetricFamily("routed_ep_rank_alive", "1 while the expert-parallel rank runs",
+                                      labels=["rank"])
+            for r in ranks:
+                pairs.add_metric([str(r["rank"])], r["expert_pairs"])
+                alive.add_metric([str(r["rank"])], 1.0 if r["alive"] else 0.0)
+            yield pairs
+            yield alive
