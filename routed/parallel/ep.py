@@ -73,6 +73,9 @@ class EPShard:
 
     def layer_slots(self, layer: int, num_experts: int) -> list[int]:
         slots = self.phy2log.get(layer) or contiguous_slots(num_experts, self.world)
+        if max(slots) + 1 != num_experts:
+            raise RoutedError(f"the placement places {max(slots) + 1} experts per layer but this checkpoint has "
+                              f"{num_experts}; make it from a recording of this model")
         if len(slots) % self.world or sorted(set(slots)) != list(range(num_experts)):
             raise RoutedError(f"placement for layer {layer}: {len(slots)} slots over {self.world} ranks must "
                               f"divide evenly and hold every one of the {num_experts} experts")
