@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from routed.argtypes import positive_int
 from routed.errors import RoutedError
 
 
@@ -318,7 +319,7 @@ def _ep_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_ep_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ep", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--ep", type=positive_int, default=1, metavar="N",
                    help="expert parallelism: shard the routed experts over N ranks (processes) on this machine; "
                         "under torchrun, the ranks torchrun starts (default 1)")
     p.add_argument("--placement", default=None, metavar="FILE",
@@ -339,16 +340,6 @@ def run_torchrun_worker(args: argparse.Namespace) -> int:
     return run_worker(spec, args.ep_timeout)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     from routed.presets import PRESETS
 
@@ -361,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt text (with --chat: the user message)")
     g.add_argument("--model", default=None,
                    help="checkpoint folder (config.json, *.safetensors, tokenizer.json); default: the bundled demo model")
-    g.add_argument("--max-tokens", type=_positive_int, default=64, help="tokens to generate at most (default 64)")
+    g.add_argument("--max-tokens", type=positive_int, default=64, help="tokens to generate at most (default 64)")
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
@@ -394,24 +385,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 routes (or set ROUTED_API_KEY)")
     s.add_argument("--served-model-name", default=None, help="model id clients send (default: the folder name)")
     s.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weight dtype (default bf16)")
-    s.add_argument("--max-num-seqs", type=_positive_int, default=16, help="running requests per step (default 16)")
-    s.add_argument("--max-num-batched-tokens", type=_positive_int, default=512,
+    s.add_argument("--max-num-seqs", type=positive_int, default=16, help="running requests per step (default 16)")
+    s.add_argument("--max-num-batched-tokens", type=positive_int, default=512,
                    help="tokens per step, decode rows plus prefill chunks (default 512)")
     s.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the latent cache (default 1.0)")
-    s.add_argument("--max-model-len", type=_positive_int, default=None,
+    s.add_argument("--max-model-len", type=positive_int, default=None,
                    help="prompt + output cap (default: the model's context, at most 32768)")
-    s.add_argument("--max-waiting", type=_positive_int, default=256,
+    s.add_argument("--max-waiting", type=positive_int, default=256,
                    help="queued requests beyond which new ones get 429 (default 256)")
     s.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     s.add_argument("--max-ram", type=float, default=None, metavar="GB",
                    help="keep routed experts beyond this budget on disk behind an LRU cache")
     s.add_argument("--speculative", choices=["mtp"], default=None,
                    help="draft one token per step with the checkpoint's MTP module (greedy requests)")
-    s.add_argument("--routing-window", type=_positive_int, default=4096,
+    s.add_argument("--routing-window", type=positive_int, default=4096,
                    help="tokens in the sliding window of the routing telemetry (default 4096)")
     s.add_argument("--record-routing", metavar="FILE", default=None,
                    help="write routing counts over time to FILE (safetensors) for `routed stats --recording`")
-    s.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
+    s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
                    help="largest request body accepted; larger gets 413 (default 1 MiB)")
     s.add_argument("--price-per-hour", type=float, default=0.10,
                    help="machine price for the $/Mtok gauges (default 0.10: a 2-vCPU cloud VM, on-demand)")
@@ -427,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--text", help="UTF-8 text file to run the model over")
     st.add_argument("--recording", help="a file written by `routed serve --record-routing`")
     st.add_argument("--out", default="routing-report", help="folder for the PNGs and summary (default routing-report)")
-    st.add_argument("--chunk-tokens", type=_positive_int, default=256, help="tokens per window (default 256)")
-    st.add_argument("--max-tokens", type=_positive_int, default=16384, help="read at most this many tokens")
+    st.add_argument("--chunk-tokens", type=positive_int, default=256, help="tokens per window (default 256)")
+    st.add_argument("--max-tokens", type=positive_int, default=16384, help="read at most this many tokens")
     st.add_argument("--save-recording", help="also save the counts as a recording file")
     st.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     st.add_argument("--json", action="store_true", help="print the written paths as JSON")
@@ -440,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--model", required=True, help="checkpoint to check (e.g. a quantized one)")
     cr.add_argument("--reference", required=True, help="checkpoint it should match (e.g. the bf16 original)")
     cr.add_argument("--text", required=True, help="UTF-8 text file to run both over")
-    cr.add_argument("--chunk-tokens", type=_positive_int, default=256)
-    cr.add_argument("--max-tokens", type=_positive_int, default=4096)
+    cr.add_argument("--chunk-tokens", type=positive_int, default=256)
+    cr.add_argument("--max-tokens", type=positive_int, default=4096)
     cr.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     cr.add_argument("--json", action="store_true")
     cr.set_defaults(func=cmd_compare_routing)
@@ -464,16 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "weight bytes per step against the machine's memory bandwidth, and $/Mtok. "
                                    "--json output feeds `routed plan --calibrate`.")
     b.add_argument("--model", default=None, help="checkpoint folder (default: the bundled demo model)")
-    b.add_argument("--prompt-len", type=_positive_int, default=512, help="prefill length (default 512)")
-    b.add_argument("--gen-len", type=_positive_int, default=128, help="decode tokens per request (default 128)")
+    b.add_argument("--prompt-len", type=positive_int, default=512, help="prefill length (default 512)")
+    b.add_argument("--gen-len", type=positive_int, default=128, help="decode tokens per request (default 128)")
     b.add_argument("--batch", default="1,8,16", help="decode batch sizes (default 1,8,16)")
     b.add_argument("--quant", choices=["int8", "int4"], default=None, help="quantize weights at load")
     b.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    b.add_argument("--repeats", type=_positive_int, default=3, help="runs per figure (default 3)")
+    b.add_argument("--repeats", type=positive_int, default=3, help="runs per figure (default 3)")
     b.add_argument("--price-per-hour", type=float, default=0.10,
                    help="machine price for $/Mtok (default 0.10: a 2-vCPU cloud VM, on-demand, 2025 list prices)")
     b.add_argument("--compare-transformers", action="store_true", help="also time transformers, same checkpoint")
-    b.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
+    b.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
     b.add_argument("--max-ram", type=float, default=None, metavar="GB",
                    help="keep routed experts beyond this budget on disk behind an LRU cache")
     b.add_argument("--json", action="store_true")

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from routed.argtypes import nonnegative_int, positive_int
 from routed.errors import RoutedError
 
 _EPILOG = """\
@@ -28,26 +29,6 @@ examples:
 """
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _nonnegative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} cannot be negative")
-    return value
-
-
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eplb", help="place experts on ranks (with replicas of hot ones) from a routing recording",
@@ -57,13 +38,13 @@ def add_parser(subparsers: Any) -> None:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recording", required=True, metavar="FILE",
                    help="a routing recording (`routed serve --record-routing`, `routed stats --save-recording`)")
-    p.add_argument("--ranks", required=True, type=_positive, metavar="G", help="expert-parallel ranks (devices)")
-    p.add_argument("--nodes", type=_positive, default=1, metavar="M",
+    p.add_argument("--ranks", required=True, type=positive_int, metavar="G", help="expert-parallel ranks (devices)")
+    p.add_argument("--nodes", type=positive_int, default=1, metavar="M",
                    help="nodes the ranks are spread over (default 1); >1 places expert groups on nodes first")
-    p.add_argument("--redundant", type=_nonnegative, default=0, metavar="R",
+    p.add_argument("--redundant", type=nonnegative_int, default=0, metavar="R",
                    help="extra physical expert slots per layer, for replicas (default 0); experts + R must be "
                         "a multiple of --ranks")
-    p.add_argument("--n-group", type=_positive, default=None, metavar="N",
+    p.add_argument("--n-group", type=positive_int, default=None, metavar="N",
                    help="expert groups of the router (default: the --model's n_group, else 1)")
     p.add_argument("--model", metavar="PATH", help="checkpoint folder (or config.json): n_group and a shape check")
     p.add_argument("--out", metavar="FILE.json", help="write the balanced placement here")

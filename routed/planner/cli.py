@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from routed.argtypes import positive_int
 from routed.errors import RoutedError
 
 _EPILOG = """\
@@ -29,16 +30,6 @@ examples:
   routed plan --preset deepseek-v3 --hardware h800 --gpus 144 --ep 144 --weights fp8 --context 4989 --batch 128
   routed plan --preset small --hardware local --calibrate bench.json --plot small.png
 """
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def _price(text: str) -> float:
@@ -65,15 +56,15 @@ def add_parser(subparsers: Any) -> None:
     src.add_argument("--preset", metavar="NAME", help="a released model's config: " + ", ".join(MODEL_PRESETS))
     p.add_argument("--hardware", required=True, metavar="PRESET|FILE",
                    help="h800, h100, h200, a100, b200, local, or a hardware JSON file (see below)")
-    p.add_argument("--gpus", type=_positive, default=1, help="devices in the deployment (default 1)")
-    p.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size of attention/dense (default 1)")
-    p.add_argument("--ep", type=_positive, default=None, help="expert-parallel size (default: --gpus)")
+    p.add_argument("--gpus", type=positive_int, default=1, help="devices in the deployment (default 1)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size of attention/dense (default 1)")
+    p.add_argument("--ep", type=positive_int, default=None, help="expert-parallel size (default: --gpus)")
     p.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
                    help="weight format (default: fp8 for FP8 checkpoints, else bf16)")
-    p.add_argument("--context", type=_positive, default=4096,
+    p.add_argument("--context", type=positive_int, default=4096,
                    help="tokens of context per sequence: decode attends this many, prefill computes prompts this "
                         "long (default 4096)")
-    p.add_argument("--batch", type=_positive, default=None,
+    p.add_argument("--batch", type=positive_int, default=None,
                    help="decoding sequences per device (per TP group); default: the most that fit, at most 128")
     p.add_argument("--price-per-hour", type=_price, default=None, metavar="USD",
                    help="price of one device-hour (default: the hardware preset's, with its source)")
