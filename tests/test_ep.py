@@ -68,12 +68,15 @@ def test_dispatch_covers_every_pair_once_and_splits_replicas() -> None:
 
 
 def test_two_ranks_equal_one_process(tiny_preset: Path, single: tuple) -> None:
+    threads = torch.get_num_threads()
     with LLM(tiny_preset, "fp32", progress=False, engine_config=EngineConfig(ep=2)) as llm:
+        assert torch.get_num_threads() == max(1, threads // 2)  # the two ranks share the cores
         assert len(llm.engine.model.ep_group.procs) == 1
         assert all(len(ep.local) == 8 for ep in model_eps(llm.engine.model))  # 16 experts, half each
         tokens, values = logprob_table(llm)
     assert tokens == single[0]
     torch.testing.assert_close(values, single[1], rtol=0, atol=1e-5)
+    assert torch.get_num_threads() == threads  # given back at close
 
 
 def test_mtp_speculation_under_ep_keeps_greedy_output(tiny_preset: Path, single: tuple) -> None:

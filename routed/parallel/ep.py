@@ -164,6 +164,7 @@ class EPGroup:
         self.error: str | None = None
         self.closed = False
         self.started = False  # every rank loaded and entered its step loop
+        self.threads_before: int | None = None  # rank 0's torch thread count before the launch
         if self.procs:
             threading.Thread(target=self._watch, daemon=True, name="ep-watchdog").start()
         atexit.register(self.close)
@@ -248,6 +249,8 @@ class EPGroup:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001
                 pass
+        if self.threads_before is not None:
+            torch.set_num_threads(self.threads_before)
 
 
 def torchrun_env() -> tuple[int, int] | None:
@@ -305,10 +308,12 @@ def launch(spec: LoadSpec, world: int, timeout_s: float = DEFAULT_TIMEOUT_S, pro
             job = json.dumps({"spec": asdict(spec), "rank": rank, "world": world, "port": store.port,
                               "timeout_s": timeout_s})
             procs.append(subprocess.Popen([sys.executable, "-m", "routed.parallel.worker", job]))
-        torch.set_num_threads(spec.threads)
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(spec.threads)  # the ranks share this machine's cores; restored at close()
         _wait_for_workers(store, procs, timeout_s)
         load_group = _init(0, world, timeout_s, store)
     group = EPGroup(world, load_group, timeout_s, procs)
+    group.threads_before = threads_before if env is None else None
     error, model = None, None
     try:
         model = _load_shard(spec, 0, world, progress)
