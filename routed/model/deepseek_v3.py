@@ -26,6 +26,7 @@ from torch import nn
 from routed.config import ModelConfig, RopeConfig
 from routed.model.attention import ATTENTION, ATTN_IMPLS, PagedBatch, paged_attention
 from routed.model.experts import RoutedExperts
+from routed.model.gemv import Linear
 
 
 # ---- norms and rotary embedding -----------------------------------------------------------------
@@ -92,7 +93,7 @@ def apply_rope(x: torch.Tensor, cos_BTP: torch.Tensor, sin_BTP: torch.Tensor) ->
 
 
 def _linear(d_in: int, d_out: int, dtype: torch.dtype) -> nn.Linear:
-    layer = nn.Linear(d_in, d_out, bias=False, dtype=dtype)
+    layer = Linear(d_in, d_out, bias=False, dtype=dtype)
     layer.weight.requires_grad_(False)
     return layer
 

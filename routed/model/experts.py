@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from routed.model.gemv import linear
 from routed.quant.intq import (IntFormat, int4_linear, int8_linear, pack_int4, quantize_int4,
                                quantize_int8)
 
@@ -79,9 +80,9 @@ class RoutedExperts(nn.Module):
     def _proj(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.store is not None:
             weights = self.store.get(self.store_key[0], e, self.store_key[1])
-            return F.linear(x, weights[PROJS.index(name)])
+            return linear(x, weights[PROJS.index(name)])
         if self.fmt is None:
-            return F.linear(x, getattr(self, name)[e])
+            return linear(x, getattr(self, name)[e])
         if self.fmt.bits == 8:
             return int8_linear(x, getattr(self, f"{name}_qweight")[e], getattr(self, f"{name}_scales")[e])
         sz = getattr(self, f"{name}_scales_zeros")[e]
