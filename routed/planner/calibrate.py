@@ -196,8 +196,9 @@ def calibrate(benches: Sequence[Bench], hw: Hardware, base: Efficiency | None = 
         fits[with_overhead] = (best[0], math.sqrt(best[1] / len(pairs)))
     use_overhead = fits[False][1] > OVERHEAD_NEEDED and fits[True][1] < OVERHEAD_GAIN * fits[False][1]
     x, rms = fits[use_overhead]
-    names = ", ".join(b.name for b in benches)
-    eff = replace(efficiency(x, use_overhead), source=f"calibrated on {names} ({hw.name})")
+    names = ", ".join(dict.fromkeys(b.name for b in benches))
+    files = f", {len(benches)} bench files" if len(benches) > 1 else ""
+    eff = replace(efficiency(x, use_overhead), source=f"calibrated on {names} ({hw.name}{files})")
     return Calibration(eff, rms, predict(benches, hw, eff), use_overhead)
 
 

@@ -13,10 +13,10 @@ JSON file holding one object with these fields (units per device; bandwidths one
      "overlap_memory_compute": true,  # optional, default true: step terms combine as max (GPU), else add (CPU)
      "eager": false, "score_ns": null, "logit_ns": null}  # optional: routed's eager CPU engine runs here
 
-`local` (combining memory and compute time by addition, and running routed's eager engine, see roofline.py)
-is measured on first use — a memory-bandwidth probe (copy of a 256 MiB tensor: bytes read + written over the
-time), a bf16 matmul probe (2048³), and two probes of routed's own code: its masked softmax over an 8-head
-256×256 score tensor (ns per score element) and the fp32 cast and argmax over 16 rows of a 129,280-entry
+`local` (combining memory and compute time by addition, and running routed's eager engine, see roofline.py) is
+measured on first use — a memory-bandwidth probe (copy of a 256 MiB tensor: bytes read + written over the
+time), a bf16 matmul probe (2048³), and two probes of routed's own code: its absorbed attention over a causal
+prefix of 128-384 tokens (ns per score element) and the fp32 cast and argmax over 16 rows of a 129,280-entry
 vocabulary (ns per logit) — at torch's current thread count (or the thread count of the bench files being
 calibrated on), and cached per thread count in `~/.cache/routed/local_hardware.json`; an entry is re-measured
 when the CPU, the torch version or the probe differ (delete the file to re-measure after a change the
@@ -60,7 +60,7 @@ class Hardware:
     # True: a kernel's memory traffic and arithmetic overlap (GPU roofline: max); False: they add (CPU)
     overlap_memory_compute: bool = True
     eager: bool = False  # plans run routed's eager engine (roofline.py: op overhead, activations, scores, logits)
-    score_ns: float | None = None  # eager: ns per attention-score element (cast, scale, mask, softmax, cast)
+    score_ns: float | None = None  # eager: ns per attention score (both einsums over the keys, masked softmax)
     logit_ns: float | None = None  # eager: ns per logit element (fp32 cast and argmax)
 
     def describe(self) -> str:
@@ -176,7 +176,7 @@ def hardware_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Hardware:
 
 
 # ---- this machine --------------------------------------------------------------------------------------
-PROBE_VERSION = 2  # 2: + score_ns, logit_ns
+PROBE_VERSION = 2  # 2: + score_ns, logit_ns (routed's eager engine)
 def cache_path() -> Path:
     return Path.home() / ".cache" / "routed" / "local_hardware.json"
 
@@ -257,23 +257,36 @@ def probe_local(copy_mib: int = 256, matmul_n: int = 2048, repeats: int = 5) -> 
         eager=True, score_ns=round(score_ns, 3), logit_ns=round(logit_ns, 3),
         sources={"memory_bandwidth_gb_s": f"measured: torch copy of {copy_mib} MiB, median of {repeats}",
                  "bf16_tflops": f"measured: bf16 matmul {matmul_n}x{matmul_n}x{matmul_n}, median of {repeats}",
-                 "score_ns": f"measured: routed's masked softmax over 8 x 256 x 256 scores, median of {repeats}",
+                 "score_ns": f"measured: routed's absorbed attention, 8 heads over 128/256/384 causal tokens, "
+                             f"median of {repeats} each, median of the three",
                  "logit_ns": f"measured: fp32 cast and argmax of 16 x 129,280 logits, median of {repeats}",
                  "memory_gb": "physical memory (sysconf)"},
     )
 
 
-def probe_eager(median_seconds: Any, heads: int = 8, tokens: int = 256, rows: int = 16,
-                vocab: int = 129280) -> tuple[float, float]:
-    """(ns per attention-score element, ns per logit element) of routed's own eager code on this machine."""
+def probe_eager(median_seconds: Any, heads: int = 8, rows: int = 16, vocab: int = 129280) -> tuple[float, float]:
+    """(ns per attention-score element, ns per logit element) of routed's own eager code on this machine.
+
+    Scores: routed's absorbed attention (routed.model.attention.absorbed_attention: the scores einsum, fp32
+    cast and scale, mask, softmax, cast back and the einsum over the latent values) of one sequence over its
+    own causal prefix, `heads` heads of a mid-sized shape (nope/rope/value 64/32/64, latent 128), at 128, 256
+    and 384 tokens: the median of the three per-element times. Per score element it is nearly the same from
+    tiny's shape to small's (7-16 ns, the spread of repeated measurements), because these batched matmuls over
+    heads are far too narrow to reach the GEMM rate. Logits: fp32 cast and argmax of `rows` rows."""
     import torch
 
-    from routed.model.attention import _masked_softmax
+    from routed.model.attention import absorbed_attention
 
-    scores = torch.randn(1, heads, tokens, tokens).to(torch.bfloat16)
-    mask = (torch.arange(tokens).unsqueeze(0) <= torch.arange(tokens).unsqueeze(1)).unsqueeze(0)
-    # what absorbed_attention does to its scores: fp32 cast and scale, mask, softmax, cast back
-    score_s = median_seconds(lambda: _masked_softmax(scores.float() * 0.1, mask).to(torch.bfloat16))
-    logits = torch.randn(rows, vocab).to(torch.bfloat16)
+    per_score = []
+    bf16 = torch.bfloat16
+    for tokens in (128, 256, 384):
+        q_nope = torch.randn(1, tokens, heads, 64).to(bf16)
+        q_pe = torch.randn(1, tokens, heads, 32).to(bf16)
+        latent = torch.randn(1, tokens, 128 + 32).to(bf16)
+        kv_b = torch.randn(heads, 64 + 64, 128).to(bf16)
+        mask = (torch.arange(tokens).unsqueeze(0) <= torch.arange(tokens).unsqueeze(1)).unsqueeze(0)
+        seconds = median_seconds(lambda: absorbed_attention(q_nope, q_pe, latent, mask, kv_b, 0.1))
+        per_score.append(seconds / (heads * tokens * tokens) * 1e9)
+    logits = torch.randn(rows, vocab).to(bf16)
     logit_s = median_seconds(lambda: [int(row.argmax()) for row in logits.float()])  # the runner, then sample_one
-    return score_s / scores.numel() * 1e9, logit_s / logits.numel() * 1e9
+    return statistics.median(per_score), logit_s / logits.numel() * 1e9

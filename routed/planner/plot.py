@@ -53,8 +53,11 @@ def plot_sweep(plan: Plan, sweep: list[tuple[int, StepTime]], path: str | Path) 
     if any(t.overhead_s > 0 for _, t in sweep):
         top.plot(batches, [_ceiling(t, t.overhead_s) for _, t in sweep], "--", color="#7f7f7f", lw=1.2,
                  label="engine-overhead ceiling (ops x t_op)")
+    if any(t.eager_s > 0 for _, t in sweep):
+        top.plot(batches, [_ceiling(t, t.eager_s) for _, t in sweep], "--", color="#9467bd", lw=1.2,
+                 label="eager ceiling (activations, scores, logits)")
     how = ("max(memory, compute) per kernel + interconnect" if req.hardware.overlap_memory_compute
-           else "memory + compute + overhead")
+           else "memory + compute + overhead + eager" if req.hardware.eager else "memory + compute + overhead")
     top.plot(batches, tps, "-o", color="black", ms=3, lw=2, label=f"predicted tokens/s per device ({how})")
     top.set_yscale("log")
     top.set_ylabel("decode tokens/s per device")

@@ -50,10 +50,12 @@ routed's own CPU engine (`eager=True`: the calibration runs, and plans on hardwa
   routed experts), + 13 B per token per layer per head per latent unit (the absorbed query); within 13% of
   the counted bytes for prefills and for decode at 4 or more sequences (at one sequence, where they are a few
   MB, up to 41% under); charged at the probed copy bandwidth.
-* Attention scores: the absorbed path computes every (query, key) score per head and masks afterwards, so
-  its attention FLOPs count all keys (not the causal half), and each score element passes through an fp32
-  cast, the scale, the mask, the softmax and a cast back: t_score per element, probed (`Hardware.score_ns`;
-  ~5 ns on one thread here, so a 256-token prefill of `small` spends ~40 ms on 8.4M scores).
+* Attention over the keys: the absorbed path computes every (query, key) score per head, masks afterwards,
+  and runs two einsums (scores, then values) batched over heads that are far too narrow to reach the GEMM
+  rate. Its time goes by score elements, not FLOPs: t_score per element for the whole of it (einsums, fp32
+  cast, scale, mask, softmax, cast back), probed on routed's own absorbed_attention (`Hardware.score_ns`;
+  7-16 ns on one thread here whatever the head and latent sizes, so a 256-token prefill of `small`, 8.4M
+  scores, spends ~90 ms in it), and the attention FLOPs of an eager step are 0 (they are inside t_score).
 * Logits: the fp32 cast and argmax over the vocabulary of every sampled row: t_logit per element, probed
   (`Hardware.logit_ns`, ~1 ns: 0.13 ms per sequence per step under DeepSeek's 129,280-token vocabulary).
 * And the per-sequence attention loop multiplies `kv_b_proj` (W_UK into the query, W_UV out of the latent)
@@ -184,8 +186,8 @@ def step_work(
     experts_touched: distinct experts read per MoE layer per step on this device, when measured (a bench of
     a random checkpoint, whose router is far from uniform); default: the uniform-routing expectation.
     eager: routed's own CPU engine (absorbed attention per sequence, unfused ops): adds the activation
-    bytes, score and logit elements, full-key attention FLOPs and per-sequence kv_b reads of the module
-    docstring. Implies attention="absorb".
+    bytes, score elements (every key, masked afterwards; their einsums' FLOPs move into t_score) and logit
+    elements, and the per-sequence kv_b reads of the module docstring. Implies attention="absorb".
     """
     if eager:
         attention = "absorb"
@@ -224,8 +226,7 @@ def step_work(
         cache_bytes = batch * (context + 1) * kv_tok  # read the context, write the new latent
         attention_flops = layers * T * 2 * H_local * context * (2 * L + R)
     else:
-        # average keys a causal query attends; routed's eager path scores every key and masks afterwards
-        keys = cached + q if eager else cached + (q + 1) / 2
+        keys = cached + (q + 1) / 2  # average keys a causal query attends
         cache_bytes = batch * (cached + q) * kv_tok  # read the cached prefix, write the new latents
         if attention == "absorb":
             attention_flops = layers * T * 2 * H_local * keys * (2 * L + R)
@@ -241,6 +242,7 @@ def step_work(
                           + a["head_latent"] * layers * H_local * L)
         scores = layers * batch * H_local * q * (context + 1 if decode else cached + q)
         logits = batch * cfg.vocab_size  # one sampled row per sequence
+        attention_flops = 0.0  # the two einsums over the keys are inside t_score (see the module docstring)
         kv_b = TensorSpec("kv_b_proj", "attention", cfg.num_attention_heads * (N + V), L, linear=True)
         weight_bytes += (batch - 1) * layers * tensor_bytes(kv_b, fmt) / par.tp  # read again for every sequence
     return StepWork(mode, T / par.tp, weight_bytes, cache_bytes, linear_flops, attention_flops, fmt == "fp8",
