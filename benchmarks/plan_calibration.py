@@ -1,35 +1,32 @@
-"""Measure routed on this machine, calibrate `routed plan` on one shape, and check its predictions on the others.
+"""Measure routed with `routed bench` on several shapes, calibrate `routed plan` on one, check the others.
 
-    python benchmarks/plan_calibration.py                          # measure tiny, small, medium; fit on small
-    python benchmarks/plan_calibration.py --report-only --out DIR  # reuse DIR/bench_*.json from an earlier run
+    python benchmarks/plan_calibration.py                  # measure tiny, demo, medium, small; fit on small
+    python benchmarks/plan_calibration.py --report-only    # reuse the bench files already in --out
 
-For each preset: write a random checkpoint (routed.presets.write_random_checkpoint) into a temporary folder,
-load it with `routed.LLM(path, dtype="bf16")` and time
+For each shape (a random checkpoint of a routed preset, written once into --checkpoints; `demo` is the trained
+model bundled in the package; `small` is ./checkpoints/small when present) this runs, one at a time:
 
-* decode at batch 1, 2, 4, 8 and 16: prompts of 64 random tokens, 33 new tokens each (greedy, ignore_eos);
-  the rate is the 32 decode steps' tokens over `decode_seconds` (the prefill step is excluded), at an average
-  context of 64 + 16 = 80 tokens;
-* prefill of 64 and 256 tokens at batch 1: tokens / `prefill_seconds` (one engine step: the whole prompt
-  plus sampling).
+    routed bench --model M --prompt-len 256 --gen-len 32 --batch 1,2,4,8,16,32,64 --repeats R --threads 1 --json
+    routed bench --model M --prompt-len 64 --gen-len 2 --batch 1 --repeats R --threads 1 --json
 
-Batches 1 and 4 and the 256-token prefill are the figures quoted; the others give the fit on one shape
-enough leverage to tell per-op overhead (grows with sequences) from memory time (grows with the distinct
-experts read, which saturates).
+and keeps the first file's runs plus the second's 64-token prefill in DIR/bench_<shape>.json (the `routed bench
+--json` schema, with the two commands under `commands`). Two prefill lengths and seven decode batches give a
+fit on one shape enough leverage to tell the per-op overhead (grows with layers, sequences and experts run)
+from bytes (grows with the distinct experts read, which saturates) and FLOPs (grow with tokens).
 
-Each figure is the median of `--repeats` runs (default 3) after one warm-up; prefix caching and routing
-telemetry are off (as `routed bench` runs the engine) and no run reuses another's prompt. The machine may be
-shared, so every repeat (and the `local` hardware probe, re-run before each shape and cached for
-`routed plan --hardware local`) is checked against /proc: if other processes used more of the CPUs than
---max-foreign while it ran (default: the share of the cores torch's threads leave free, + 2%), it is run
-again — up to --tries times, each after waiting idle for a quiet second (within a total of --patience
-seconds), keeping the least disturbed. The other processes' share is recorded next to each sample
-(`foreign_cpu`): a neighbour on the other core still slows a single-threaded run (shared caches and memory
-bandwidth, possibly one physical core under the VM), so quote figures taken with `--max-foreign 0.05`.
+The machine may be shared: before each `routed bench` call the script waits (up to --patience seconds) for a
+2-second window in which other processes use at most --max-foreign of all CPU time; the call is timed against
+/proc/stat, and when other processes used more than that while it ran it is run again (up to --tries times,
+keeping the least disturbed). The other processes' share is recorded per command (`foreign_cpu`). Before each
+shape the `local` hardware probe (copy bandwidth, bf16 matmul rate, routed's per-score attention and per-logit
+costs, at the same thread count) is re-run and recorded as `local_hardware`.
 
-Results go to DIR/bench_<preset>.json in the `routed bench --json` schema that `routed plan --calibrate`
-reads. Then the planner is fitted on `--calibrate-on` (default small) with `--hardware local` (the probe
-taken before that shape's runs) and the predictions for every shape are printed next to the measurements as
-a Markdown table, with the % error.
+Measuring a shape again keeps the earlier file as bench_<shape>.session<n>.json. The planner is fitted
+(routed.planner.calibrate) on every session of --calibrate-on (one checkpoint; pooling sessions averages the
+shared machine's noise) with the probe of its latest session, and predicts every run of the other shapes'
+latest sessions; the Markdown table, with each error, is printed, then the largest error per shape of a fit
+on each single session of each shape. tests/test_planner.py runs the pooled fit on the files committed under
+benchmarks/results/plan_calibration/ and requires every prediction within 25%.
 """
 
 from __future__ import annotations
@@ -37,260 +34,210 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import statistics
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from routed.config import EngineConfig  # noqa: E402
-from routed.llm import LLM  # noqa: E402
-from routed.presets import PRESETS, write_random_checkpoint  # noqa: E402
-from routed.sampling import SamplingParams  # noqa: E402
-
-PROMPT_LEN = 64
-NEW_TOKENS = 33  # 1 from the prefill step + 32 decode steps
-PREFILL_LENS = (64, 256)
-DECODE_BATCHES = (1, 2, 4, 8, 16)
+SHAPES = ("tiny", "demo", "medium", "small")
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "plan_calibration"
+THREADS = 1
 
 
-def _jiffies() -> tuple[int, int, int]:
-    """(busy, total) CPU jiffies of the machine and this process's own (all threads), from /proc."""
+def _jiffies() -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole machine, from /proc/stat."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     total = sum(fields[:8])
-    busy = total - fields[3] - fields[4]  # minus idle and iowait
-    stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    return busy, total, int(stat[11]) + int(stat[12])  # utime + stime
+    return total - fields[3] - fields[4], total
 
 
-def foreign_share(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """Run fn; -> (its result, the share of all CPU time that other processes used meanwhile)."""
-    busy0, total0, mine0 = _jiffies()
-    result = fn()
-    busy1, total1, mine1 = _jiffies()
-    return result, max(0, (busy1 - busy0) - (mine1 - mine0)) / max(total1 - total0, 1)
+def _children_jiffies() -> int:
+    t = os.times()
+    return round((t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK"))
 
 
-MAX_FOREIGN: float | None = None  # --max-foreign
-TRIES = 10  # --tries
+def wait_for_quiet(max_foreign: float, patience_s: float) -> None:
+    """Sleep until other processes use at most `max_foreign` of the CPUs over 2 s (or `patience_s` ran out)."""
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
+        busy0, total0 = _jiffies()
+        time.sleep(2.0)
+        busy1, total1 = _jiffies()
+        if (busy1 - busy0) / max(total1 - total0, 1) <= max_foreign:
+            return
+    print(f"  still busy after {patience_s:.0f} s of waiting; measuring anyway", file=sys.stderr)
 
 
-def undisturbed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """Run fn until other processes left it the cores it uses (the machine is shared: a neighbour taking a
-    core that torch's threads are on stalls every op); after TRIES, keep the least disturbed run."""
-    cores = os.cpu_count() or 1
-    limit = MAX_FOREIGN if MAX_FOREIGN is not None else max(0.05, (cores - torch.get_num_threads()) / cores + 0.02)
-    best: tuple[Any, float] | None = None
-    for _ in range(TRIES):
-        while foreign_share(lambda: time.sleep(1.0))[1] >= limit and time.monotonic() < _deadline():
-            pass  # wait, without running anything, for the neighbours to calm down
-        result, share = foreign_share(fn)
-        if best is None or share < best[1]:
-            best = (result, share)
-        if share < limit:
+PATIENCE_S = 900.0  # --patience
+
+
+def run_bench(argv: list[str], tries: int, max_foreign: float) -> tuple[dict[str, Any], float]:
+    """Run `routed bench ... --json` in a child process until it ran undisturbed; -> (its JSON, foreign share)."""
+    best: tuple[dict[str, Any], float] | None = None
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    cmd = [sys.executable, "-m", "routed.cli", "bench", *argv, "--threads", str(THREADS), "--json"]
+    for attempt in range(tries):
+        wait_for_quiet(max_foreign, PATIENCE_S)
+        busy0, total0 = _jiffies()
+        mine0 = _children_jiffies()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        busy1, total1 = _jiffies()
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+        foreign = max(0, (busy1 - busy0) - (_children_jiffies() - mine0)) / max(total1 - total0, 1)
+        result = json.loads(proc.stdout)
+        print(f"  routed bench {' '.join(argv)}: other processes {foreign:.1%} of the CPUs (try {attempt + 1})",
+              file=sys.stderr)
+        if best is None or foreign < best[1]:
+            best = (result, foreign)
+        if foreign <= max_foreign:
             break
     assert best is not None
     return best
 
 
-_START = time.monotonic()
-PATIENCE_S = 600.0  # --patience: total seconds the whole run may spend waiting for a quiet machine
+def checkpoint(shape: str, folder: Path) -> Path:
+    if shape == "demo":
+        return ROOT / "routed" / "demo_model"
+    from routed.presets import PRESETS, write_random_checkpoint
+
+    local = ROOT / "checkpoints" / shape
+    if (local / "config.json").exists():
+        cfg = json.loads((local / "config.json").read_text())
+        if all(cfg.get(k) == v for k, v in PRESETS[shape].items() if k != "rope_scaling"):
+            return local
+    target = folder / shape
+    if not (target / "model.safetensors.index.json").exists():
+        write_random_checkpoint(shape, target)
+    return target
 
 
-def _deadline() -> float:
-    return _START + PATIENCE_S
+def _short(run: dict[str, Any]) -> dict[str, Any]:
+    keep = ("kind", "batch", "context", "prompt_len", "tokens_per_second", "spread", "runs", "experts_touched")
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in run.items() if k in keep}
 
 
-def _prompts(rng: random.Random, batch: int, length: int, vocab: int) -> list[list[int]]:
-    # ids away from the special tokens at both ends of the DeepSeek vocabulary
-    return [[rng.randrange(1000, vocab - 1000) for _ in range(length)] for _ in range(batch)]
+def bench_shape(shape: str, path: Path, out: Path, repeats: int, tries: int, max_foreign: float) -> Path:
+    import torch
 
-
-class ExpertCounter:
-    """Distinct routed experts each MoE layer ran, per forward call (hooks; attached only to untimed runs)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.by_tokens: dict[int, list[int]] = {}
-        self.model = model
-        self.handles: list[Any] = []
-
-    def __enter__(self) -> ExpertCounter:
-        from routed.model.experts import RoutedExperts
-
-        def hook(_module: Any, inputs: Any, output: Any) -> None:
-            tokens = inputs[0].shape[0]
-            self.by_tokens.setdefault(tokens, []).append(int((output[1] > 0).sum()))
-
-        self.handles = [m.register_forward_hook(hook) for m in self.model.modules() if isinstance(m, RoutedExperts)]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self.handles:
-            h.remove()
-
-    def mean(self, tokens: int) -> float | None:
-        seen = self.by_tokens.get(tokens)
-        return round(sum(seen) / len(seen), 3) if seen else None
-
-
-def measure(path: Path, repeats: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Decode (batch 1-16) and prefill (64, 256 tokens) rates of one checkpoint, medians of `repeats` runs.
-
-    After the timed repeats of each kind, one more untimed run with hooks counts the distinct experts each
-    MoE layer ran per step: the random router is far from uniform, and the planner can use the measurement.
-    """
-    # as `routed bench` runs the engine: no prefix caching, no routing telemetry
-    engine = EngineConfig(max_num_seqs=16, max_num_batched_tokens=512, kv_cache_gb=0.5, enable_prefix_caching=False,
-                          routing_telemetry=False)
-    llm = LLM(path, dtype="bf16", engine_config=engine, progress=False)
-    vocab = llm.model.config.vocab_size
-    rng = random.Random(seed)
-    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    llm.generate_ids(_prompts(rng, 4, PROMPT_LEN, vocab), SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-
-    runs: list[dict[str, Any]] = []
-    for batch in DECODE_BATCHES:
-        rates, shares = [], []
-        for _ in range(repeats):
-            prompts = _prompts(rng, batch, PROMPT_LEN, vocab)
-            stats, share = undisturbed(lambda: llm.generate_ids(prompts, greedy))
-            decode_tokens = stats.completion_tokens - batch  # each request's first token came from the prefill
-            rates.append(decode_tokens / stats.decode_seconds)
-            shares.append(share)
-        with ExpertCounter(llm.model) as counter:
-            llm.generate_ids(_prompts(rng, batch, PROMPT_LEN, vocab), greedy)
-        runs.append({"kind": "decode", "batch": batch, "context": PROMPT_LEN + (NEW_TOKENS - 1) // 2,
-                     "tokens_per_second": round(statistics.median(rates), 3), "experts_touched": counter.mean(batch),
-                     "samples": [round(r, 3) for r in rates], "foreign_cpu": [round(x, 3) for x in shares]})
-    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    for length in PREFILL_LENS:
-        rates, shares = [], []
-        for _ in range(repeats):
-            prompt = _prompts(rng, 1, length, vocab)
-            stats, share = undisturbed(lambda: llm.generate_ids(prompt, one))
-            rates.append(length / stats.prefill_seconds)
-            shares.append(share)
-        with ExpertCounter(llm.model) as counter:
-            llm.generate_ids(_prompts(rng, 1, length, vocab), one)
-        runs.append({"kind": "prefill", "batch": 1, "prompt_len": length,
-                     "tokens_per_second": round(statistics.median(rates), 3),
-                     "experts_touched": counter.mean(length), "samples": [round(r, 3) for r in rates],
-                     "foreign_cpu": [round(x, 3) for x in shares]})
-    return runs
-
-
-def bench_preset(preset: str, out: Path, repeats: int, workdir: Path) -> Path:
     from routed.planner.hardware import local_hardware
 
-    t0 = time.perf_counter()
-    folder = write_random_checkpoint(preset, workdir / preset)
-    written = time.perf_counter() - t0
-    # probe under the same conditions as the runs (and cache it for `routed plan --hardware local`)
-    hw, probe_share = undisturbed(lambda: local_hardware(remeasure=True))
-    runs = measure(folder, repeats)
+    torch.set_num_threads(THREADS)
+    hw = local_hardware(remeasure=True, threads=THREADS)
+    main_argv = ["--model", str(path), "--prompt-len", "256", "--gen-len", "32", "--batch", "1,2,4,8,16,32,64",
+                 "--repeats", str(repeats)]
+    short_argv = ["--model", str(path), "--prompt-len", "64", "--gen-len", "2", "--batch", "1",
+                  "--repeats", str(repeats)]
+    main, foreign_main = run_bench(main_argv, tries, max_foreign)
+    short, foreign_short = run_bench(short_argv, tries, max_foreign)
+    runs = [_short(r) for r in main["runs"]]
+    runs.insert(0, _short(next(r for r in short["runs"] if r["kind"] == "prefill")))
     result = {
-        "model": {"preset": preset, "config": json.loads((folder / "config.json").read_text())},
-        "dtype": "bf16",
-        "threads": torch.get_num_threads(),
+        "model": {"preset": shape, "path": os.path.relpath(path, ROOT), "config": main["model"]["config"]},
+        "dtype": main["dtype"], "quant": main["quant"], "max_ram_gb": main["max_ram_gb"], "threads": main["threads"],
         "torch": torch.__version__,
-        "repeats": repeats,
-        "probe_foreign_cpu": round(probe_share, 3),
+        "commands": [f"routed bench {' '.join(a)} --threads {THREADS} --json" for a in (main_argv, short_argv)],
+        "foreign_cpu": [round(foreign_main, 3), round(foreign_short, 3)],
+        "note": "runs: the 64-token prefill of the second command, then every run of the first",
         "local_hardware": hw.to_dict(),
         "runs": runs,
     }
-    file = out / f"bench_{preset}.json"
-    file.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{preset}: checkpoint written in {written:.0f}s, measured in {time.perf_counter() - t0 - written:.0f}s "
-          f"-> {file}", file=sys.stderr)
-    for run in runs:
-        print(f"  {run}", file=sys.stderr)
+    file = out / f"bench_{shape}.json"
+    if file.exists():  # keep the earlier session: the fit pools every session of the calibrated shape
+        n = 1
+        while (out / f"bench_{shape}.session{n}.json").exists():
+            n += 1
+        file.rename(out / f"bench_{shape}.session{n}.json")
+    file.write_text(json.dumps(result, indent=1) + "\n")
+    for r in runs:
+        print(f"  {r}", file=sys.stderr)
     return file
 
 
-def report(files: dict[str, Path], calibrate_on: str, hardware: str) -> str:
-    """Fit on one preset's bench file, predict every preset's runs; a Markdown table."""
-    from routed.planner.calibrate import calibrate, load_bench
-    from routed.planner.hardware import get_hardware, hardware_from_dict, local_hardware
+def sessions(files: dict[str, Path], shape: str) -> list[Path]:
+    """Every session's bench file of `shape`: bench_<shape>.json and the earlier bench_<shape>.session<n>.json."""
+    return sorted(files[shape].parent.glob(f"bench_{shape}.session*.json")) + [files[shape]]
 
-    benches = {preset: load_bench(file) for preset, file in files.items()}
-    recorded = json.loads(files[calibrate_on].read_text()).get("local_hardware")
-    if hardware == "local" and recorded:  # the probe taken just before the fitted shape's runs
-        hw = hardware_from_dict(recorded, str(files[calibrate_on]))
-    elif hardware == "local":
-        hw = local_hardware(threads=benches[calibrate_on].threads)
-    else:
-        hw = get_hardware(hardware)
-    fit = calibrate([benches[calibrate_on]], hw)
+
+def report(files: dict[str, Path], calibrate_on: str) -> tuple[str, float]:
+    """Fit on every session of one shape, predict every shape's latest runs; -> (Markdown, worst error off it)."""
+    from routed.planner.calibrate import calibrate, load_bench
+    from routed.planner.hardware import hardware_from_dict
+
+    benches = {shape: load_bench(file) for shape, file in files.items()}
+    recorded = json.loads(files[calibrate_on].read_text())["local_hardware"]
+    hw = hardware_from_dict(recorded, str(files[calibrate_on]))
+    fitted = sessions(files, calibrate_on)
+    fit = calibrate([load_bench(f) for f in fitted], hw)
     lines = [
-        f"Hardware `{hardware}`: {hw.describe()}",
-        f"Fitted on `{calibrate_on}`: {fit.efficiency.describe()} (RMS log error {fit.rms_log_error:.3f})",
+        f"Hardware `local` (probe recorded with the latest `{calibrate_on}` session): {hw.describe()}",
+        f"Fitted on `{calibrate_on}` ({len(fitted)} session(s): {', '.join(f.name for f in fitted)}): "
+        f"{fit.efficiency.describe()} (RMS log error {fit.rms_log_error:.3f})",
         "",
-        "| shape | run | measured tok/s | predicted tok/s | error |",
-        "|---|---|---|---|---|",
+        "| shape | run | measured tok/s | predicted tok/s | error | bound |",
+        "|---|---|---|---|---|---|",
     ]
     worst = 0.0
-    for preset in files:
-        check = fit.predict(benches[preset], hw)
-        for row in check:
-            err = row.predicted / row.measured - 1
-            if preset != calibrate_on:
-                worst = max(worst, abs(err))
-            tag = " (fit)" if preset == calibrate_on else ""
-            lines.append(f"| {preset}{tag} | {row.label} | {row.measured:.1f} | {row.predicted:.1f} | {err:+.1%} |")
-    lines.append("")
-    lines.append(f"Largest error on the shapes not fitted: {worst:.1%}")
-    return "\n".join(lines)
+    for shape in files:
+        for row in fit.predict(benches[shape], hw):
+            if shape != calibrate_on:
+                worst = max(worst, abs(row.error))
+            tag = " (fit, latest session)" if shape == calibrate_on else ""
+            lines.append(f"| {shape}{tag} | {row.label} | {row.measured:.1f} | {row.predicted:.1f} | "
+                         f"{row.error:+.1%} | {row.bound} |")
+    lines += ["", f"Largest error on the shapes not fitted: {worst:.1%}", "",
+              "Fitted on one session of one shape at a time (its own recorded probe): largest |error| per shape", "",
+              "| fitted on | fitted factors | " + " | ".join(files) + " |", "|---|---|" + "---|" * len(files)]
+    for on in files:
+        for file in sessions(files, on):
+            own = hardware_from_dict(json.loads(file.read_text())["local_hardware"], str(file))
+            other = calibrate([load_bench(file)], own)
+            cells = [f"{max(abs(r.error) for r in other.predict(benches[shape], own)):.1%}" for shape in files]
+            e = other.efficiency
+            factors = f"η_mem {e.memory:.3g}, η_compute {e.compute:.3g}, t_op {e.op_s * 1e6:.3g} µs"
+            lines.append(f"| {file.name} | {factors} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), worst
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", default="tiny,small,medium", help="comma-separated presets to measure")
-    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "routed_plan_calibration",
-                        help="folder for the bench_<preset>.json files")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is kept (default 3)")
-    parser.add_argument("--calibrate-on", default="small", help="preset whose bench file the planner is fitted on")
-    parser.add_argument("--hardware", default="local", help="planner hardware for the fit (default: local)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for the runs and the probe (default: torch's own choice)")
-    parser.add_argument("--max-foreign", type=float, default=None, metavar="SHARE",
-                        help="rerun a repeat when other processes used more than this share of all CPUs meanwhile "
-                             "(default: the share of the cores torch's threads leave free, + 0.02)")
-    parser.add_argument("--tries", type=int, default=10,
-                        help="attempts per repeat before keeping the least disturbed (default 10)")
-    parser.add_argument("--patience", type=float, default=600.0, metavar="SECONDS",
-                        help="seconds the whole run may spend waiting for quiet before each attempt (default 600)")
-    parser.add_argument("--report-only", action="store_true", help="do not measure; use the files already in --out")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for bench_<shape>.json")
+    parser.add_argument("--checkpoints", type=Path, default=Path("/tmp/routed_plan_calibration"),
+                        help="where random checkpoints are written (once)")
+    parser.add_argument("--calibrate-on", default="small", help="the shape the planner is fitted on")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per figure; routed bench keeps the median")
+    parser.add_argument("--tries", type=int, default=3, help="attempts per command before keeping the least disturbed")
+    parser.add_argument("--max-foreign", type=float, default=0.1, metavar="SHARE",
+                        help="rerun a command when other processes used more than this share of all CPUs")
+    parser.add_argument("--patience", type=float, default=900.0, metavar="SECONDS",
+                        help="before each command, wait up to this long for a quiet machine (default 900)")
+    parser.add_argument("--report-only", action="store_true", help="do not measure; use the files in --out")
     args = parser.parse_args()
-    if args.repeats < 3:
-        parser.error("--repeats must be at least 3")
-    presets = [p for p in args.presets.split(",") if p]
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        parser.error(f"unknown preset(s) {unknown}; choose from {list(PRESETS)}")
-    if args.calibrate_on not in presets:
-        parser.error(f"--calibrate-on {args.calibrate_on!r} is not among --presets")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    global MAX_FOREIGN, TRIES, PATIENCE_S
-    MAX_FOREIGN, TRIES, PATIENCE_S = args.max_foreign, max(args.tries, 1), args.patience
+    global PATIENCE_S
+    PATIENCE_S = args.patience
+    shapes = [s for s in args.shapes.split(",") if s]
+    if unknown := [s for s in shapes if s not in SHAPES]:
+        parser.error(f"unknown shape(s) {unknown}; choose from {SHAPES}")
+    if args.calibrate_on not in shapes:
+        parser.error(f"--calibrate-on {args.calibrate_on!r} is not among --shapes")
     args.out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    for preset in presets:
-        file = args.out / f"bench_{preset}.json"
+    files = {}
+    for shape in shapes:
+        file = args.out / f"bench_{shape}.json"
         if not args.report_only:
-            with tempfile.TemporaryDirectory(prefix=f"routed_{preset}_") as tmp:
-                file = bench_preset(preset, args.out, args.repeats, Path(tmp))
+            print(f"{shape}:", file=sys.stderr)
+            path = checkpoint(shape, args.checkpoints)
+            file = bench_shape(shape, path, args.out, args.repeats, args.tries, args.max_foreign)
         elif not file.exists():
             parser.error(f"{file} does not exist; run without --report-only first")
-        files[preset] = file
-    print(report(files, args.calibrate_on, args.hardware))
+        files[shape] = file
+    text, _ = report(files, args.calibrate_on)
+    print(text)
     return 0
 
 
