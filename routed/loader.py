@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from routed.config import ModelConfig
 from routed.errors import RoutedError
 from routed.model.deepseek_v3 import Gate, MoE, Transformer
+from routed.model import gemv
 from routed.model.experts import RoutedExperts
 from routed.progress import progress_bar
 from routed.quant import fp8
@@ -226,6 +227,9 @@ def load_model(
             _copy_duplicate_slots(module)
     finalize_model(model)
     model.eval()
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if dtype == torch.bfloat16 and weight_bytes >= gemv.MIN_MODEL_BYTES:  # worth its one compile (~3 s)
+        gemv.enable()
     return model
 
 
