@@ -22,7 +22,7 @@ from routed.engine.scheduler import Scheduler
 from routed.errors import RoutedError
 from routed.loader import load_model, resolve_dtype
 from routed.model.deepseek_v3 import Transformer
-from routed.parallel.ep import LoadSpec, launch, torchrun_env
+from routed.parallel.ep import LoadSpec, launch, model_eps, torchrun_env
 from routed.sampling import SamplingParams
 from routed.telemetry import RoutingMonitor
 from routed.tokenizer import IncrementalDecoder, Tokenizer
@@ -144,8 +144,6 @@ class LLMEngine:
     def reset_routing(self) -> None:
         """Zero the routing telemetry (both windows, alerts) and the per-rank expert counters."""
         self.routing.reset()
-        from routed.parallel.ep import model_eps
-
         for ep in model_eps(self.model):
             ep.slot_tokens.zero_()
 

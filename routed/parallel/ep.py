@@ -349,9 +349,8 @@ def _wait_for_workers(store: Any, procs: list[subprocess.Popen], timeout_s: floa
 
 def _barrier(group: EPGroup, what: str, own_error: Exception | None) -> None:
     """Every rank says whether it loaded; any failure fails the launch (rank 0's own error as it is)."""
-    results: list[Any] = [None] * group.world
     try:
-        dist.all_gather_object(results, _describe(own_error), group=group.load_group)
+        results = _gather_load_errors(group.load_group, group.world, own_error)
     except (RuntimeError, dist.DistBackendError) as e:
         raise RankFailed(group.error or f"expert-parallel rank failed while {what}: {_first_line(e)}") from None
     if own_error is not None:
@@ -361,8 +360,12 @@ def _barrier(group: EPGroup, what: str, own_error: Exception | None) -> None:
         raise RankFailed(f"expert-parallel ranks failed while {what}: " + "; ".join(errors))
 
 
-def _describe(e: Exception | None) -> str | None:
-    return None if e is None else f"{type(e).__name__}: {_first_line(e)}"
+def _gather_load_errors(load_group: Any, world: int, own_error: Exception | None) -> list[str | None]:
+    """Every rank's loading error (None where it loaded), the same list on every rank."""
+    results: list[Any] = [None] * world
+    own = None if own_error is None else f"{type(own_error).__name__}: {_first_line(own_error)}"
+    dist.all_gather_object(results, own, group=load_group)
+    return results
 
 
 def spawned_worker(job: dict[str, Any]) -> None:
@@ -392,9 +395,7 @@ def _serve(spec: LoadSpec, rank: int, world: int, load_group: Any) -> None:
         model = _load_shard(spec, rank, world, progress=False)
     except Exception as e:  # noqa: BLE001 — reported to rank 0, which names it
         error = e
-    results: list[Any] = [None] * world
-    dist.all_gather_object(results, _describe(error), group=load_group)
-    if any(results):  # some rank (maybe rank 0) failed to load: the launch is off
+    if any(_gather_load_errors(load_group, world, error)):  # some rank (maybe rank 0) failed to load: the launch is off
         dist.destroy_process_group()
         return
     try:
