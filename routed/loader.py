@@ -228,8 +228,11 @@ def load_model(
     finalize_model(model)
     model.eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if dtype == torch.bfloat16 and weight_bytes >= gemv.MIN_MODEL_BYTES:  # worth its one compile (~3 s)
-        gemv.enable()
+    if weight_bytes >= gemv.MIN_MODEL_BYTES:  # worth compiling (~3 s, ~12 s the first time on a machine)
+        if dtype == torch.bfloat16:
+            gemv.enable()
+        if not (fmt or cfg.int_quant or offloaded or shard is not None):
+            model.compile_decode()
     return model
 
 

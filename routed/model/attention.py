@@ -91,6 +91,18 @@ class PagedBatch:
     key_slots: list[torch.Tensor]
 
 
+@torch.library.custom_op("routed::write_latents", mutates_args=("cache_LPC",))
+def write_latents(cache_LPC: torch.Tensor, layer: int, slots_N: torch.Tensor, latent_NC: torch.Tensor) -> None:
+    """cache[layer, slots] = latents, in place. An op of its own so that a compiled step writes its few rows
+    into the cache instead of functionalising the write into a copy of the whole cache."""
+    cache_LPC[layer, slots_N] = latent_NC.to(cache_LPC.dtype)
+
+
+@write_latents.register_fake
+def _(cache_LPC: torch.Tensor, layer: int, slots_N: torch.Tensor, latent_NC: torch.Tensor) -> None:
+    return None
+
+
 def paged_attention(
     impl: str,
     layer: int,
@@ -103,8 +115,8 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Write the step's latents into the cache, then attend per sequence over its own cached context."""
+    write_latents(batch.cache_LPC, layer, batch.slots_N, latent_BTC[0])
     cache_PC = batch.cache_LPC[layer]
-    cache_PC[batch.slots_N] = latent_BTC[0].to(cache_PC.dtype)
     out = q_nope_BTHN.new_empty(*q_nope_BTHN.shape[:3], kv_b_HXL.shape[1] - q_nope_BTHN.shape[-1])
     for (start, end), key_slots in zip(batch.seq_bounds, batch.key_slots):
         keys_SC = cache_PC[key_slots]

@@ -16,6 +16,7 @@ Shapes: B batch rows, T tokens, D hidden, H heads, V vocab, E routed experts, K 
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
@@ -27,6 +28,8 @@ from routed.config import ModelConfig, RopeConfig
 from routed.model.attention import ATTENTION, ATTN_IMPLS, PagedBatch, paged_attention
 from routed.model.experts import RoutedExperts
 from routed.model.gemv import Linear
+
+log = logging.getLogger(__name__)
 
 
 # ---- norms and rotary embedding -----------------------------------------------------------------
@@ -277,6 +280,12 @@ class MoE(nn.Module):
 
 
 # ---- blocks -----------------------------------------------------------------------------------------
+def _run_block(block: Block, h_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               positions_BT: torch.Tensor, batch: PagedBatch | None, layer: int, impl: str) -> torch.Tensor:
+    """One decoder block; what `Transformer.compile_decode` compiles (one function for every block)."""
+    return block(h_BTD, rope, positions_BT, batch, layer, impl)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -363,6 +372,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k, dtype) for k in range(n_mtp))
         self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
         self.attn_impl = "absorb"
+        self._one_token_block: Callable | None = None  # compile_decode()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -400,9 +410,45 @@ class Transformer(nn.Module):
             positions_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
         rope = self.rotary(positions_BT)
         h = self.model.embed_tokens(input_ids_BT)
+        run = _run_block
+        if self._one_token_block is not None and T == 1 and batch is not None and not torch.is_grad_enabled():
+            run = self._one_token_block
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, rope, positions_BT, batch, i, self.attn_impl)
+            h = run(layer, h, rope, positions_BT, batch, i, self.attn_impl)
         return self.model.norm(h)
+
+    def compile_decode(self) -> bool:
+        """Compile the decoder block for one-token steps (decode at batch 1); True if it is in use.
+
+        One-token steps are memory-bound GEMVs plus ~350 small ops per layer, most of them per-op overhead in
+        eager PyTorch. Compiled (inductor, dynamic shapes), a block is a few fused loops: the one-row products
+        as multiply-sums (`gemv.linear`), the chosen experts' weights read in place (`RoutedExperts._gathered`),
+        norms, RoPE, router and softmax fused around them. Every MoE block shares one compiled graph and the
+        dense blocks another (the compiler inlines the block and takes its weights as inputs). Compiled
+        here, once per process (~12 s cold, a few seconds from inductor's on-disk cache), on a scratch cache;
+        if compiling fails it warns and stays eager. Multi-token steps (prefill, batches) stay eager.
+        """
+        if self._one_token_block is not None:
+            return True
+        try:
+            compiled = torch.compile(_run_block, dynamic=True)
+            cache = self.new_cache(5)  # made as the engine makes its cache (outside inference mode); sizes all
+            with torch.inference_mode():  # distinct, none 1 (equal or unit sizes would be specialised on)
+                batch = PagedBatch(cache, torch.tensor([2]), [(0, 1)], [torch.arange(3)])
+                positions = torch.tensor([[2]])
+                rope = self.rotary(positions)
+                h = self.model.embed_tokens(torch.tensor([[0]]))
+                for i, layer in enumerate(self.model.layers):
+                    h = compiled(layer, h, rope, positions, batch, i, self.attn_impl)
+        except Exception as e:  # noqa: BLE001 — no compiler, or inductor refuses: the eager path is correct
+            log.warning("compiled one-token decode unavailable (%s); staying eager", str(e).splitlines()[0][:200])
+            return False
+        finally:
+            for module in self.modules():
+                if isinstance(module, Gate):
+                    module.reset_counters()
+        self._one_token_block = compiled
+        return True
 
     def logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_BTD).float()

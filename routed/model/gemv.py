@@ -32,8 +32,9 @@ def enable() -> bool:
     if _state["kernel"] is None and not _state["disabled"]:
         try:
             kernel = torch.compile(_gemv, dynamic=True)
+            w = torch.zeros(64, 128, dtype=torch.bfloat16)  # a weight, made as the loader makes them
             with torch.inference_mode():
-                kernel(torch.zeros(128, dtype=torch.bfloat16), torch.zeros(64, 128, dtype=torch.bfloat16))
+                kernel(torch.zeros(128, dtype=torch.bfloat16), w)
             _state["kernel"] = kernel
         except Exception as e:  # noqa: BLE001 — no compiler, or inductor refuses: the eager path is correct
             _state["disabled"] = True
@@ -47,7 +48,12 @@ def takes_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, bias), through the compiled GEMV when enabled and x is one bf16 row on the CPU."""
+    """F.linear(x, w, bias), through the compiled GEMV when enabled and x is one bf16 row on the CPU.
+
+    Inside a compiled region (the one-token block of `Transformer.compile_decode`) a one-row product is
+    written as the multiply-sum itself, so the compiler fuses it with what surrounds it."""
+    if bias is None and torch.compiler.is_compiling() and x.numel() == w.shape[-1] and w.dim() == 2:
+        return _gemv(x.reshape(-1), w).view(*x.shape[:-1], w.shape[0])  # fused into the compiled region
     if bias is None and takes_gemv(x, w):
         return _state["kernel"](x.reshape(-1), w.detach()).view(*x.shape[:-1], w.shape[0])  # type: ignore[operator]
     return F.linear(x, w, bias)

@@ -1,7 +1,8 @@
-"""bf16 decode at batch 1 with the compiled one-row GEMV (routed/model/gemv.py) against eager F.linear, in one
-process, alternating, plus transformers on the same checkpoint for the ratio the speed issue asks for.
+"""bf16 decode at batch 1 on three paths, in one process, alternating: eager PyTorch, the compiled one-row GEMV
+(routed/model/gemv.py) alone, and the compiled one-token block (Transformer.compile_decode, what the loader
+turns on); plus transformers on the same checkpoint for the ratio the speed issue asks for.
 
-    python benchmarks/gemv.py --model checkpoints/small --threads 1 --gen 32 --repeats 3
+    python benchmarks/decode_b1.py --model checkpoints/small --threads 2 --gen 32 --repeats 3
 """
 
 from __future__ import annotations
@@ -34,23 +35,22 @@ def main() -> None:
     engine = LLMEngine(model, Tokenizer.from_pretrained(args.model),
                        EngineConfig(routing_telemetry=False, enable_prefix_caching=False))
     rng = random.Random(0)
-    assert gemv.enable()  # the loader enabled it already for small (>= 256 MiB of bf16); compiled once
+    assert gemv.enable() and model.compile_decode()  # the loader did both for small; compiled once
+    kernel, block = gemv._state["kernel"], model._one_token_block
+    paths = {"eager": (None, None), "compiled GEMV": (kernel, None), "compiled block": (kernel, block)}
+    rates: dict[str, list[float]] = {name: [] for name in paths}
     _decode(engine, 1, 4, rng)  # warm up
-    kernel = gemv._state["kernel"]
-    rates: dict[str, list[float]] = {"compiled GEMV": [], "eager F.linear": []}
-    with progress_bar("decode b1", total=2 * args.repeats) as advance:
+    with progress_bar("decode b1", total=len(paths) * args.repeats) as advance:
         for _ in range(args.repeats):
-            for name in rates:
-                gemv._state["kernel"] = None if name == "eager F.linear" else kernel
+            for name, (k, b) in paths.items():
+                gemv._state["kernel"], model._one_token_block = k, b
                 rates[name].append(_decode(engine, 1, args.gen, rng))
                 advance()
-    gemv._state["kernel"] = kernel
     del engine, model
     hf = bench_transformers(args.model, 64, min(args.gen, 32), args.repeats, "bf16")
     out = {"threads": args.threads, "decode_b1_tok_s": {k: statistics.median(v) for k, v in rates.items()},
            "spread": {k: max(v) - min(v) for k, v in rates.items()}, "transformers_decode_b1_tok_s": hf["decode_b1"]}
     out["ratio_vs_transformers"] = {k: v / hf["decode_b1"] for k, v in out["decode_b1_tok_s"].items()}
-    out["gemv_speedup"] = out["decode_b1_tok_s"]["compiled GEMV"] / out["decode_b1_tok_s"]["eager F.linear"]
     print(json.dumps(out, indent=2))
 
 
