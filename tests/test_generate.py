@@ -10,7 +10,8 @@ import torch
 import routed
 from conftest import YARN, make_checkpoint
 from routed.errors import RoutedError
-from routed.model.attention import PagedBatch
+from routed.model import attention
+from routed.model.attention import PagedBatch, use_naive
 from routed.sampling import SamplingParams, filter_logits
 
 VOCAB = 129280  # the real DeepSeek-V3 tokenizer
@@ -22,11 +23,12 @@ def chat_ckpt(tmp_path_factory: pytest.TempPathFactory):
                            hidden_size=32, rope_parameters=YARN)
 
 
-@pytest.mark.parametrize("attn", ["absorb", "naive"])
-def test_paged_incremental_decode_equals_full_forward(ckpt, attn: str) -> None:
+@pytest.mark.parametrize("attn", ["auto", "absorb", "naive"])
+def test_paged_incremental_decode_equals_full_forward(ckpt, attn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     folder, _ = ckpt
     model = routed.load_model(folder, torch.float32, progress=False)
     model.set_impl(attn=attn)
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 3)  # the naive form's causal query chunks, several per step
     B, T, prefix = 3, 20, 7
     ids = torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(0))
     # row r owns slots [r*64, r*64 + T) of the cache, scattered in reverse block order to exercise indexing
@@ -45,8 +47,19 @@ def test_paged_incremental_decode_equals_full_forward(ckpt, attn: str) -> None:
 
     with torch.no_grad():
         full = model(ids)
-        incremental = torch.cat([step(0, prefix)] + [step(t, t + 1) for t in range(prefix, T)], dim=1)
+        chunk = prefix + 6  # a prompt, a second chunk of it over the cached first, then one token at a time
+        incremental = torch.cat([step(0, prefix), step(prefix, chunk)] + [step(t, t + 1) for t in range(chunk, T)],
+                                dim=1)
     assert ((incremental - full).abs().max() / full.abs().max()).item() < 1e-5
+
+
+def test_auto_attention_picks_the_form_with_fewer_multiply_adds() -> None:
+    kv_b_v3 = torch.empty(128, 128 + 128, 512, device="meta")  # DeepSeek-V3: H 128, N = V = 128, L = 512
+    assert use_naive(4096, 4096, kv_b_v3, 128)  # a whole prompt: expand once
+    assert not use_naive(1, 4096, kv_b_v3, 128)  # decode: attend in the latent
+    assert not use_naive(64, 4096, kv_b_v3, 128)  # a short chunk over a long cached context
+    # the crossover: L·(N+V)·(S−T) < T·S·(2L−N−V), with S = 4096 at T = 163.8
+    assert use_naive(164, 4096, kv_b_v3, 128) and not use_naive(163, 4096, kv_b_v3, 128)
 
 
 def test_greedy_generate_matches_transformers(chat_ckpt) -> None:

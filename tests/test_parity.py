@@ -66,6 +66,7 @@ def test_absorbed_equals_naive_in_bf16(ckpt: tuple[Path, Any]) -> None:
     folder, _ = ckpt
     model = routed.load_model(folder, torch.bfloat16, progress=False)
     with torch.no_grad():
+        model.set_impl(attn="absorb")
         absorbed = model(INPUT)
         model.set_impl(attn="naive")
         naive = model(INPUT)

@@ -12,7 +12,10 @@ Naive: expand every key and value per head through kv_b_proj (the reference, wha
 Absorbed: fold W_UK into the query and W_UV after attention, so attention runs over the 576-wide latent
 shared by all heads (MQA); only the latent is ever stored. Softmax is fp32 in both.
 
-`paged_attention` runs either path for an engine step whose sequences keep their latents in a paged cache.
+`paged_attention` runs an engine step whose sequences keep their latents in a paged cache. With impl "auto"
+(the engine's) each sequence takes the form with fewer multiply-adds for its T queries over S keys (`use_naive`):
+prefill expands its keys once and attends in query chunks, each over the keys it can see (causal), while decode
+and short chunks over a long context attend in the latent (absorbed). "absorb" and "naive" force one form.
 
 Legend: B batch rows, T query tokens, S key tokens, H heads, N qk_nope_head_dim, R qk_rope_head_dim,
 V v_head_dim, L kv_lora_rank, C = L + R.
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ATTN_IMPLS = ("absorb", "naive")
+ATTN_IMPLS = ("auto", "absorb", "naive")
+QUERY_CHUNK = 128  # prefill: queries per chunk of the causal (naive) form
 
 
 def naive_attention(
@@ -36,16 +40,39 @@ def naive_attention(
     kv_b_HXL: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
+    k_BHSD, v_BHSV = expand_keys(latent_BSC, kv_b_HXL, q_nope_BTHN.shape[-1])
+    return attend_expanded(q_nope_BTHN, q_pe_BTHR, k_BHSD, v_BHSV, mask_BTS, scale)
+
+
+def expand_keys(latent_BSC: torch.Tensor, kv_b_HXL: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The naive form's per-head keys [k_nope | k_R] and values from the latents: -> k_BHSD, v_BHSV."""
     H, X, L = kv_b_HXL.shape
-    N = q_nope_BTHN.shape[-1]
     c_BSL, k_pe_BSR = latent_BSC[..., :L], latent_BSC[..., L:]
     kv_BSHX = torch.einsum("bsl,hxl->bshx", c_BSL, kv_b_HXL)
     k_nope_BSHN, v_BSHV = kv_BSHX[..., :N], kv_BSHX[..., N:]
     k_BHSD = torch.cat([k_nope_BSHN, k_pe_BSR.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1).transpose(1, 2)
+    return k_BHSD, v_BSHV.transpose(1, 2)
+
+
+def attend_expanded(q_nope_BTHN: torch.Tensor, q_pe_BTHR: torch.Tensor, k_BHSD: torch.Tensor, v_BHSV: torch.Tensor,
+                    mask_BTS: torch.Tensor, scale: float) -> torch.Tensor:
     q_BHTD = torch.cat([q_nope_BTHN, q_pe_BTHR], dim=-1).transpose(1, 2)
     scores_BHTS = torch.matmul(q_BHTD, k_BHSD.transpose(-1, -2)).float() * scale
-    probs_BHTS = _masked_softmax(scores_BHTS, mask_BTS).to(v_BSHV.dtype)
-    return torch.matmul(probs_BHTS, v_BSHV.transpose(1, 2)).transpose(1, 2)
+    probs_BHTS = _masked_softmax(scores_BHTS, mask_BTS).to(v_BHSV.dtype)
+    return torch.matmul(probs_BHTS, v_BHSV).transpose(1, 2)
+
+
+def use_naive(T: int, S: int, kv_b_HXL: torch.Tensor, N: int) -> bool:
+    """True when expanding S keys costs fewer multiply-adds than attending T queries in the latent.
+
+    Per head, naive: S·L·(N+V) to expand + T·S·(N+R+V) to attend; absorbed: T·L·(N+V) to fold the query and
+    the output + T·S·(2L+R). So naive wins iff L·(N+V)·(S−T) < T·S·(2L−N−V): always for a whole prompt (S = T,
+    as 2L > N+V in every released config), never for decode (T = 1).
+    """
+    if T == 1:
+        return False
+    _, X, L = kv_b_HXL.shape
+    return L * X * (S - T) < T * S * (2 * L - X)
 
 
 def absorbed_attention(
@@ -72,7 +99,8 @@ def _masked_softmax(scores_BHTS: torch.Tensor, mask_BTS: torch.Tensor) -> torch.
     return F.softmax(scores_BHTS, dim=-1)
 
 
-ATTENTION = {"naive": naive_attention, "absorb": absorbed_attention}
+ATTENTION = {"naive": naive_attention, "absorb": absorbed_attention,
+             "auto": naive_attention}  # without a cache every row is a whole sequence (S = T): naive (use_naive)
 
 
 @dataclass(slots=True)
@@ -117,13 +145,24 @@ def paged_attention(
     """Write the step's latents into the cache, then attend per sequence over its own cached context."""
     write_latents(batch.cache_LPC, layer, batch.slots_N, latent_BTC[0])
     cache_PC = batch.cache_LPC[layer]
-    out = q_nope_BTHN.new_empty(*q_nope_BTHN.shape[:3], kv_b_HXL.shape[1] - q_nope_BTHN.shape[-1])
+    N = q_nope_BTHN.shape[-1]
+    out = q_nope_BTHN.new_empty(*q_nope_BTHN.shape[:3], kv_b_HXL.shape[1] - N)
     for (start, end), key_slots in zip(batch.seq_bounds, batch.key_slots):
         keys_SC = cache_PC[key_slots]
-        key_pos_S = torch.arange(keys_SC.shape[0], device=keys_SC.device)
+        S, T = keys_SC.shape[0], end - start
+        key_pos_S = torch.arange(S, device=keys_SC.device)
         mask_TS = key_pos_S.unsqueeze(0) <= positions_BT[0, start:end].unsqueeze(1)
-        out[:, start:end] = ATTENTION[impl](
-            q_nope_BTHN[:, start:end], q_pe_BTHR[:, start:end], keys_SC.unsqueeze(0), mask_TS.unsqueeze(0),
-            kv_b_HXL, scale,
-        )
+        form = impl if impl != "auto" else ("naive" if use_naive(T, S, kv_b_HXL, N) else "absorb")
+        if form == "absorb":
+            out[:, start:end] = absorbed_attention(q_nope_BTHN[:, start:end], q_pe_BTHR[:, start:end],
+                                                   keys_SC.unsqueeze(0), mask_TS.unsqueeze(0), kv_b_HXL, scale)
+            continue
+        # naive: expand the keys once; each chunk of queries attends over the keys up to its last one (the
+        # step's queries are the sequence's newest tokens, so query t sits at key position S - T + t)
+        k_BHSD, v_BHSV = expand_keys(keys_SC.unsqueeze(0), kv_b_HXL, N)
+        for a in range(0, T, QUERY_CHUNK):
+            b, visible = min(a + QUERY_CHUNK, T), S - T + min(a + QUERY_CHUNK, T)
+            out[:, start + a : start + b] = attend_expanded(
+                q_nope_BTHN[:, start + a : start + b], q_pe_BTHR[:, start + a : start + b],
+                k_BHSD[:, :, :visible], v_BHSV[:, :, :visible], mask_TS[None, a:b, :visible], scale)
     return out

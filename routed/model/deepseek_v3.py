@@ -371,7 +371,7 @@ class Transformer(nn.Module):
         n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k, dtype) for k in range(n_mtp))
         self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
-        self.attn_impl = "absorb"
+        self.attn_impl = "auto"
         self._one_token_block: Callable | None = None  # compile_decode()
 
     @property
@@ -383,7 +383,7 @@ class Transformer(nn.Module):
         return [(i, layer.mlp.gate) for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)]
 
     def set_impl(self, attn: str | None = None, experts: str | None = None) -> None:
-        """Choose the attention path (absorb | naive) and the expert path (grouped | reference)."""
+        """Choose the attention path (auto | absorb | naive) and the expert path (grouped | reference)."""
         if attn is not None:
             if attn not in ATTN_IMPLS:
                 raise ValueError(f"unknown attention impl {attn!r}; choose from {ATTN_IMPLS}")
