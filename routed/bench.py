@@ -65,7 +65,7 @@ def _own_bytes(module: torch.nn.Module) -> int:
     if isinstance(packed, torch.Tensor):
         tensors.append(packed)
     elif isinstance(packed, dict):
-        tensors += [p for group in packed.values() for p in group]
+        tensors += list(packed.values())  # RoutedExperts: one stacked tensor per projection
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -230,7 +230,7 @@ def bench_transformers(path: str | Path, prompt_len: int, gen_len: int, repeats:
         for _ in range(repeats):
             ids = torch.randint(1000, vocab - 1, (1, prompt_len), generator=g)
             start = time.perf_counter()
-            model(ids)
+            model(ids, logits_to_keep=1)  # the last position's logits, as generate() and routed compute them
             prefill.append(prompt_len / (time.perf_counter() - start))
             ids = torch.randint(1000, vocab - 1, (1, 16), generator=g)
             model.generate(ids, max_new_tokens=1, do_sample=False)  # prefill alone, subtracted below

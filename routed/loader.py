@@ -231,7 +231,7 @@ def load_model(
     if weight_bytes >= gemv.MIN_MODEL_BYTES:  # worth compiling (~3 s, ~12 s the first time on a machine)
         if dtype == torch.bfloat16:
             gemv.enable()
-        if not (fmt or cfg.int_quant or offloaded or shard is not None):
+        if not (offloaded or shard is not None):
             model.compile_decode()
     return model
 

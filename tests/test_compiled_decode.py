@@ -1,6 +1,6 @@
 """The compiled one-token decode step (Transformer.compile_decode) equals its eager twin.
 
-Same greedy tokens and log-probabilities, same latents in the cache, same routing telemetry; prefill and
+With float, int8 and int4 weights (fp32 activations, so the two agree to rounding): same greedy tokens and log-probabilities, same latents in the cache, same routing telemetry; prefill and
 multi-sequence steps stay eager.
 """
 
@@ -45,8 +45,9 @@ def generate(model, folder: Path, prompts: list[list[int]], **config):
     return results, counters, eng.runner.cache.clone()
 
 
-def test_compiled_decode_equals_eager_fp32(folder: Path) -> None:
-    model = load_model(folder, torch.float32, progress=False)
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_compiled_decode_equals_eager_fp32(folder: Path, quant: str | None) -> None:
+    model = load_model(folder, torch.float32, progress=False, quant=quant)
     prompts = [[100 + i for i in range(9)], [5000, 17, 4242, 9]]
     eager, eager_counts, eager_cache = generate(model, folder, prompts)
     assert model.compile_decode()

@@ -431,6 +431,8 @@ class Transformer(nn.Module):
         if self._one_token_block is not None:
             return True
         try:
+            # int4 experts: each chosen id is read as a size (`int(id)`) and selects a view of its packed weights
+            torch._dynamo.config.capture_scalar_outputs = True
             compiled = torch.compile(_run_block, dynamic=True)
             cache = self.new_cache(5)  # made as the engine makes its cache (outside inference mode); sizes all
             with torch.inference_mode():  # distinct, none 1 (equal or unit sizes would be specialised on)

@@ -34,7 +34,7 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, I, dtype=dtype), requires_grad=False)
 
         self.fmt: IntFormat | None = None
-        self._packed: dict[str, list[torch.Tensor]] = {}
+        self._packed: dict[str, torch.Tensor] = {}
         self.store = None  # an ExpertStore when the experts are offloaded (routed.offload)
         self.store_key: tuple[int, str] = (0, "")  # (layer, checkpoint name prefix) for the store
 
@@ -74,7 +74,7 @@ class RoutedExperts(nn.Module):
             return
         for name in PROJS:
             q = getattr(self, f"{name}_qweight")
-            self._packed[name] = [pack_int4(q[e]) for e in range(q.shape[0])]
+            self._packed[name] = torch.stack([pack_int4(q[e]) for e in range(q.shape[0])])  # [E, ...]
             setattr(self, f"{name}_qweight", torch.empty(0, dtype=torch.uint8))
 
     def _proj(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -96,10 +96,12 @@ class RoutedExperts(nn.Module):
         self, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor, impl: str = "grouped",
         out_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if torch.compiler.is_compiling() and self.store is None and self.fmt is None:
+        if torch.compiler.is_compiling() and self.store is None:  # the one-token block (compile_decode)
             counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_ND.device).index_add_(
                 0, topk_ids_NK.flatten(), torch.ones_like(topk_ids_NK.flatten()))
-            return self._gathered(x_ND, topk_ids_NK, topk_weights_NK).to(out_dtype or x_ND.dtype), counts_E
+            y = (self._gathered(x_ND, topk_ids_NK, topk_weights_NK) if self.fmt is None or self.fmt.bits == 8
+                 else self._reference(x_ND, topk_ids_NK, topk_weights_NK))  # int4: ids read as sizes, views
+            return y.to(out_dtype or x_ND.dtype), counts_E
         counts_E = torch.bincount(topk_ids_NK.flatten(), minlength=self.num_experts)
         if impl == "grouped":
             y = self._grouped(x_ND, topk_ids_NK, topk_weights_NK, counts_E)
@@ -122,11 +124,16 @@ class RoutedExperts(nn.Module):
         """Compiled twin of `_grouped` for a few tokens: each pair's expert weights are read in place (the
         compiler turns `w[ids]` into indexed loads inside one fused multiply-sum, no copy, no host sync)."""
         dtype = x_ND.dtype
+
+        def proj(name: str, x_NK1X: torch.Tensor) -> torch.Tensor:  # float or int8 (× per-row scale) weights
+            if self.fmt is None:
+                return (getattr(self, name)[ids_NK].float() * x_NK1X).sum(-1).to(dtype)
+            q, scale = getattr(self, f"{name}_qweight")[ids_NK], getattr(self, f"{name}_scales")[ids_NK]
+            return ((q.float() * x_NK1X).sum(-1) * scale.to(dtype).float()).to(dtype)
+
         x_N11D = x_ND.float()[:, None, None, :]
-        g_NKI = (self.gate_proj[ids_NK].float() * x_N11D).sum(-1).to(dtype)
-        u_NKI = (self.up_proj[ids_NK].float() * x_N11D).sum(-1).to(dtype)
-        h_NK1I = (F.silu(g_NKI) * u_NKI).float()[:, :, None, :]
-        y_NKD = (self.down_proj[ids_NK].float() * h_NK1I).sum(-1).to(dtype)
+        h_NKI = F.silu(proj("gate_proj", x_N11D)) * proj("up_proj", x_N11D)
+        y_NKD = proj("down_proj", h_NKI.float()[:, :, None, :])
         return (y_NKD.float() * w_NK.float()[..., None]).sum(1)
 
     def _grouped(
