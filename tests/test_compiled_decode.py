@@ -59,7 +59,9 @@ def test_compiled_decode_equals_eager_fp32(folder: Path, quant: str | None) -> N
         return compiled_block(*args)
 
     model._one_token_block = counting
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     fast, fast_counts, fast_cache = generate(model, folder, prompts)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # compiled at load, never again
     layers = model.config.num_hidden_layers
     assert calls == [1] * (layers * 9 * len(prompts))  # every decode step of every layer, no prefill
     for (tok_e, lp_e), (tok_f, lp_f) in zip(eager, fast):

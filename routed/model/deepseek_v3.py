@@ -433,6 +433,10 @@ class Transformer(nn.Module):
         try:
             # int4 experts: each chosen id is read as a size (`int(id)`) and selects a view of its packed weights
             torch._dynamo.config.capture_scalar_outputs = True
+            # no guards that two sizes stay equal because they were at the warm-up (keys = layers, say)
+            torch.fx.experimental._config.use_duck_shape = False
+            # a process may hold several models (tests, benchmarks), each ~3 compiled entries of _run_block
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             compiled = torch.compile(_run_block, dynamic=True)
             cache = self.new_cache(5)  # made as the engine makes its cache (outside inference mode); sizes all
             with torch.inference_mode():  # distinct, none 1 (equal or unit sizes would be specialised on)
