@@ -8,7 +8,10 @@ steps/s over that floor. After each figure's timed repeats, one more untimed run
 routed experts records `experts_touched`: the distinct experts one MoE layer ran per step, averaged over layers
 and steps (a random checkpoint's router is far from uniform; `routed plan --calibrate` reads it).
 `--compare-transformers` times transformers' DeepseekV3ForCausalLM on the same checkpoint in the same process.
-The JSON is the input of `routed plan --calibrate`.
+The JSON is the input of `routed plan --calibrate`; its `engine` says which engine ran: routed's version and
+git commit (when run from a checkout; `+dirty` with uncommitted changes), and whether the compiled one-row
+GEMV (`gemv`) and the compiled one-token decode (`compiled_decode`: decode at batch 1 ran compiled blocks)
+were in use — the planner models those steps differently.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import random
 import resource
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,29 @@ from routed.tokenizer import Tokenizer
 # length run up to 2.5x slower than the steady state a serving engine reaches; ten bring tiny and the demo model
 # within ~10% of it (20 consecutive 256-token prefills: 53 ms falling to 19-21 ms on tiny, 66 to 29-33 on demo).
 PREFILL_WARMUP = 10
+
+
+def engine_info(model: torch.nn.Module) -> dict[str, Any]:
+    """Which engine a bench ran: version, commit, and the compiled paths in use (see the module docstring)."""
+    import routed
+    from routed.model import gemv
+
+    return {"version": routed.__version__, "commit": _commit(), "gemv": gemv._state["kernel"] is not None,
+            "compiled_decode": getattr(model, "_one_token_block", None) is not None}
+
+
+def _commit() -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _median(xs: list[float]) -> dict[str, float]:
@@ -195,7 +222,7 @@ def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: 
     out: dict[str, Any] = {
         "model": {"path": str(path), "config": json.loads((Path(path) / "config.json").read_text())},
         "dtype": dtype, "quant": quant, "max_ram_gb": max_ram_gb, "threads": torch.get_num_threads(),
-        "load_seconds": load_s,
+        "engine": engine_info(model), "load_seconds": load_s,
         "weight_bytes": weight_bytes, "peak_rss_bytes": peak_rss, "memory_bandwidth_gbs": bandwidth,
         "runs": runs,
     }
