@@ -3,6 +3,7 @@
 Bench file schema (one JSON object; extra fields are ignored):
 
     {"model": {"config": <config.json dict>}, "dtype": "bf16", "threads": 2,
+     "engine": {"commit": "1885bd0", "gemv": true, "compiled_decode": true},   # optional (see below)
      "runs": [{"kind": "decode", "batch": 1, "context": 64, "tokens_per_second": 20.5},
               {"kind": "prefill", "batch": 1, "prompt_len": 512, "tokens_per_second": 300.0}, ...]}
 
@@ -13,23 +14,31 @@ format named by `quant` (int8/int4/fp8 as memory.py sizes them); benches with of
 (`max_ram_gb`) are refused. A run may
 carry `experts_touched` (distinct experts per MoE layer per step, measured); the planner then reads that
 many experts instead of the uniform-routing expectation — random checkpoints route far from uniformly.
+`engine` says which of the engine's compiled paths the bench ran (`routed bench --json` records it): `gemv`
+(routed.model.gemv's one-row products) and `compiled_decode` (`Transformer.compile_decode`: decode at batch 1
+is a compiled one-token step). A file without it is modelled as the eager engine without either, which is
+what routed was before commit ed9e2d6 (the files of that time, under
+benchmarks/results/plan_calibration/eager-720ff02/, record it so).
 
 What is fitted, by least squares on log(predicted / measured) over every run of every file given:
 η_mem (memory bandwidth efficiency; decode runs pin it), η_compute (compute efficiency; long prefills pin
 it) and t_op, the seconds per engine op (roofline.engine_ops: routed's eager op count per step, which grows
 with layers, sequences and experts run; short prefills and decode at growing batch pin it). The runs are
 modelled as routed's eager engine (`step_work(..., eager=True)`): activation traffic, attention scores and
-logits are charged at the hardware's probed rates, which are measured, not fitted. The overhead is kept
-only when the fit without it is off by more than 1% RMS and the overhead cuts that error by at least 10% —
-otherwise it is 0 and says so. Interconnect efficiency and overlap are not fitted (single-device benches
+logits are charged at the hardware's probed rates, which are measured, not fitted; decode runs at batch 1 of a
+bench whose engine compiled (`compiled_decode`) as routed's compiled one-token step (roofline.py), whose row
+rate, per-block cost and per-score cost are probed too — only its 49 per-step ops take the fitted t_op; with
+`gemv`, the lm_head of a batch-1 prefill is read at the probed row rate. The overhead is kept only when the
+fit without it is off by more than 1% RMS and the overhead cuts that error by at least 10% — otherwise it is 0
+and says so. Interconnect efficiency and overlap are not fitted (single-device benches
 cannot see them) and keep their defaults. The minimiser is Nelder-Mead on the logs of the factors, from a
 few starting points.
 
 Which checkpoint to calibrate on: one whose steps have the three fitted terms in comparable measure. On this
-machine (BENCHMARKS.md, "Planner calibration") a fit on `medium` predicts `tiny`, the demo model and
-`small` within 25%; a fit on `small` alone does not, because its decode steps are dominated by streaming
-weights and its op count and its bytes grow together with the batch, so η_mem and t_op trade against each
-other and the pair that fits `small` best is off for shapes where ops dominate.
+machine (BENCHMARKS.md, "Planner calibration"; measured on the eager engine of 720ff02) a fit on `medium`
+predicts `tiny`, the demo model and `small` within 25%; a fit on `small` alone does not, because its decode
+steps are dominated by streaming weights and its op count and its bytes grow together with the batch, so η_mem
+and t_op trade against each other and the pair that fits `small` best is off for shapes where ops dominate.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from routed.config import ModelConfig
 from routed.errors import RoutedError
 from routed.planner.hardware import Hardware
 from routed.planner.memory import WEIGHT_FORMATS, Parallelism
-from routed.planner.roofline import Efficiency, StepWork, step_time, step_work
+from routed.planner.roofline import COMPILED_FORMATS, Efficiency, StepWork, step_time, step_work
 
 OVERHEAD_GAIN = 0.9  # keep the overhead term only if it brings the RMS log error below 90% of the fit without
 OVERHEAD_NEEDED = 0.01  # ... and only if the fit without it is off by more than 1% RMS
@@ -73,6 +82,9 @@ class Bench:
     fmt: str  # weight format in memory: bf16, or the bench's `quant`
     threads: int | None
     runs: tuple[BenchRun, ...]
+    gemv: bool = False  # the engine's compiled one-row products were on (`engine.gemv`)
+    compiled_decode: bool = False  # decode at batch 1 ran compiled (`engine.compiled_decode`)
+    engine: str | None = None  # the engine's commit, when recorded
 
 
 @dataclass(slots=True, frozen=True)
@@ -131,25 +143,47 @@ def bench_from_dict(raw: Any, source: str = "<bench>") -> Bench:
         runs.append(BenchRun(r["kind"], int(r["batch"]), float(r["tokens_per_second"]),
                              int(r.get("context", 0)), int(r.get("prompt_len", 0)),
                              None if touched is None else float(touched)))
+    engine = raw.get("engine") or {}
+    if not isinstance(engine, dict):
+        raise RoutedError(f"{source}: `engine` must be an object ({{\"gemv\": bool, \"compiled_decode\": bool}})")
+    flags = {}
+    for key in ("gemv", "compiled_decode"):
+        v = engine.get(key, False)
+        if not isinstance(v, bool):
+            raise RoutedError(f"{source}: engine.{key} must be true or false, got {v!r}")
+        flags[key] = v
+    if flags["compiled_decode"] and fmt not in COMPILED_FORMATS:
+        raise RoutedError(f"{source}: measured with routed's compiled one-token decode in {fmt}, which the planner "
+                          f"does not model (only {', '.join(COMPILED_FORMATS)}); calibrate on bf16 benches")
+    commit = engine.get("commit")
     name = raw["model"].get("preset") or Path(source).stem
-    return Bench(str(name), cfg, fmt, raw.get("threads"), tuple(runs))
+    return Bench(str(name), cfg, fmt, raw.get("threads"), tuple(runs), flags["gemv"], flags["compiled_decode"],
+                 None if commit is None else str(commit))
 
 
-def run_work(cfg: ModelConfig, run: BenchRun, fmt: str = "bf16") -> StepWork:
-    """What routed does for one bench run: one device, its eager engine (absorbed attention), weights in `fmt`."""
+def run_work(cfg: ModelConfig, run: BenchRun, fmt: str = "bf16", gemv: bool = False,
+             compiled_decode: bool = False) -> StepWork:
+    """What routed does for one bench run: one device, its eager engine (absorbed attention), weights in `fmt`;
+    with the compiled paths the bench recorded (decode at batch 1 compiled, one-row products at the row rate)."""
+    engine = {"eager": True, "gemv": gemv, "compile_decode": compiled_decode}
     if run.kind == "decode":
         return step_work(cfg, fmt, Parallelism(), "decode", run.batch, run.context,
-                         experts_touched=run.experts_touched, eager=True)
+                         experts_touched=run.experts_touched, **engine)
     return step_work(cfg, fmt, Parallelism(), "prefill", run.batch, 0, new_tokens=run.prompt_len,
-                     experts_touched=run.experts_touched, eager=True)
+                     experts_touched=run.experts_touched, **engine)
+
+
+def bench_work(bench: Bench, run: BenchRun) -> StepWork:
+    return run_work(bench.config, run, bench.fmt, bench.gemv, bench.compiled_decode)
 
 
 def predict(benches: Sequence[Bench], hw: Hardware, eff: Efficiency) -> list[PredictionRow]:
     rows = []
     for bench in benches:
         for run in bench.runs:
-            t = step_time(run_work(bench.config, run, bench.fmt), hw, eff)
-            rows.append(PredictionRow(bench.name, run.label, run.tokens_per_second, t.tokens_per_second, t.bound))
+            t = step_time(bench_work(bench, run), hw, eff)
+            label = run.label + (" (compiled)" if t.work.compiled else "")
+            rows.append(PredictionRow(bench.name, label, run.tokens_per_second, t.tokens_per_second, t.bound))
     return rows
 
 
@@ -176,7 +210,7 @@ class Calibration:
 def calibrate(benches: Sequence[Bench], hw: Hardware, base: Efficiency | None = None) -> Calibration:
     """Fit η_mem, η_compute (and an overhead if it earns its place) to every run of `benches` on `hw`."""
     base = base or Efficiency()
-    pairs = [(run_work(b.config, r, b.fmt), r.tokens_per_second) for b in benches for r in b.runs]
+    pairs = [(bench_work(b, r), r.tokens_per_second) for b in benches for r in b.runs]
     if not pairs:
         raise RoutedError("no bench runs to calibrate on")
 

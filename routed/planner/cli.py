@@ -173,13 +173,14 @@ def _print_plan(plan: Any, fit: Any, plot_path: Path | None) -> None:
     t.add_column("prefill")
     dec, pre = plan.decode, plan.prefill
     rows = [
-        ("work", f"{plan.batch} seq x 1 token at {req.context:,} ctx",
+        ("work", f"{plan.batch} seq x 1 token at {req.context:,} ctx" + (" (compiled)" if dec.work.compiled else ""),
          f"{plan.prefill_prompts} prompt(s) x {req.context:,} tokens"),
         ("step", f"{dec.step_s * 1e3:,.2f} ms", f"{pre.step_s * 1e3:,.2f} ms"),
         ("  memory: weights + cache", f"{dec.memory_s * 1e3:,.2f} ms", f"{pre.memory_s * 1e3:,.2f} ms"),
         ("  compute: linear + attention", f"{dec.compute_s * 1e3:,.2f} ms", f"{pre.compute_s * 1e3:,.2f} ms"),
         ("  interconnect", f"{dec.comm_s * 1e3:,.2f} ms", f"{pre.comm_s * 1e3:,.2f} ms"),
-        ("  engine overhead: ops x t_op", f"{dec.overhead_s * 1e3:,.2f} ms", f"{pre.overhead_s * 1e3:,.2f} ms"),
+        ("  engine overhead: ops x t_op" + (" (+ blocks)" if dec.work.compiled else ""),
+         f"{dec.overhead_s * 1e3:,.2f} ms", f"{pre.overhead_s * 1e3:,.2f} ms"),
         ("  eager: activations, scores, logits", f"{dec.eager_s * 1e3:,.2f} ms", f"{pre.eager_s * 1e3:,.2f} ms"),
         ("bound", dec.bound, pre.bound),
         ("tokens/s per device", _rate(dec.tokens_per_second), _rate(pre.tokens_per_second)),

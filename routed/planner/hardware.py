@@ -11,16 +11,33 @@ JSON file holding one object with these fields (units per device; bandwidths one
      "price_per_hour": 2.5,           # optional: USD per device-hour
      "price_source": "...", "sources": {"compute": "...", ...},   # optional: where the figures come from
      "overlap_memory_compute": true,  # optional, default true: step terms combine as max (GPU), else add (CPU)
-     "eager": false, "score_ns": null, "logit_ns": null}  # optional: routed's eager CPU engine runs here
+     "eager": false, "score_ns": null, "logit_ns": null,  # optional: routed's eager CPU engine runs here
+     "row_gb_s": null, "block_us": null, "compiled_score_ns": null}  # optional: its compiled one-token decode
 
 `local` (combining memory and compute time by addition, and running routed's eager engine, see roofline.py) is
-measured on first use — a memory-bandwidth probe (copy of a 256 MiB tensor: bytes read + written over the
-time), a bf16 matmul probe (2048³), and two probes of routed's own code: its absorbed attention over a causal
-prefix of 128-384 tokens (ns per score element) and the fp32 cast and argmax over 16 rows of a 129,280-entry
-vocabulary (ns per logit) — at torch's current thread count (or the thread count of the bench files being
-calibrated on), and cached per thread count in `~/.cache/routed/local_hardware.json`; an entry is re-measured
-when the CPU, the torch version or the probe differ (delete the file to re-measure after a change the
-fingerprint cannot see).
+measured on first use, at torch's current thread count (or the thread count of the bench files being
+calibrated on), in this order:
+
+1. two probes of routed's own eager code, first, while the allocator is fresh (after the large copy below has
+   been freed, glibc serves the attention's fp32 score tensors from memory it already holds and the probe read
+   ~6.5 ns per score where the engine spends ~11.5): its absorbed attention over a causal prefix of 128-384
+   tokens (ns per score element) and the fp32 cast and argmax over 16 rows of a 129,280-entry vocabulary
+   (ns per logit);
+2. a memory-bandwidth probe (copy of a 256 MiB tensor: bytes read + written over the time) and a bf16 matmul
+   probe (2048³);
+3. in a child process (so that its compiled graphs stay out of the caller's), routed's compiled decode path
+   (roofline.py, "compiled one-token steps"): the one-row read rate `row_gb_s` — routed.model.gemv's compiled
+   multiply-sum over 256 MiB of distinct 4096 x 1024 bf16 matrices, far more than the L3 cache (32 MB here),
+   so every byte comes from memory — and, from `Transformer.compile_decode` on an in-memory model of the
+   `tiny` preset's widths with the score probe's attention widths (4 layers, 1 dense + 3 MoE, 1,024-token
+   vocabulary: 5.5 MB of weights, held in cache, so a block call costs what a block costs beyond reading its
+   weights), every block call timed over one-token steps at contexts 16-47, as `routed bench` decodes, and at
+   contexts 1,040-1,071: the cost per attention score (`compiled_score_ns`, from the difference of the two
+   medians) and the fixed cost per block call (`block_us`, the rest). Where nothing can be compiled (no C
+   compiler) these stay null, as the engine then stays eager.
+
+Cached per thread count in `~/.cache/routed/local_hardware.json`; an entry is re-measured when the CPU, the
+torch version or the probe differ (delete the file to re-measure after a change the fingerprint cannot see).
 Dense TFLOPs are without 2:4 sparsity. GB = 1e9 bytes.
 """
 
@@ -62,14 +79,25 @@ class Hardware:
     eager: bool = False  # plans run routed's eager engine (roofline.py: op overhead, activations, scores, logits)
     score_ns: float | None = None  # eager: ns per attention score (both einsums over the keys, masked softmax)
     logit_ns: float | None = None  # eager: ns per logit element (fp32 cast and argmax)
+    row_gb_s: float | None = None  # compiled one-row products (routed.model.gemv): weight GB/s; None: no compiler
+    block_us: float | None = None  # compiled one-token step: µs per decoder block call beyond its weight reads
+    compiled_score_ns: float | None = None  # ... and ns per attention score in it
 
     def describe(self) -> str:
         fp8 = f", fp8 {self.fp8_tflops:g}" if self.fp8_tflops else ""
         links = f", NVLink {self.nvlink_gb_s:g} GB/s, network {self.network_gb_s:g} GB/s" if self.nvlink_gb_s else ""
         eager = (f", {self.score_ns:.3g} ns/score, {self.logit_ns:.3g} ns/logit"
                  if self.score_ns is not None and self.logit_ns is not None else "")
+        if self.compiles:
+            eager += (f", compiled decode: one-row reads {self.row_gb_s:g} GB/s, {self.block_us:.3g} µs/block, "
+                      f"{self.compiled_score_ns:.3g} ns/score")
         return (f"{self.name}: {self.memory_gb:g} GB, {self.memory_bandwidth_gb_s:g} GB/s, bf16 {self.bf16_tflops:g}"
                 f"{fp8} TFLOPS{links}{eager}")
+
+    @property
+    def compiles(self) -> bool:
+        """routed's compiled one-token decode was probed here (so the engine can compile on this machine)."""
+        return all(getattr(self, k) is not None for k in COMPILED_FIELDS)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,9 +143,10 @@ HARDWARE_PRESETS: dict[str, Hardware] = {
                  "network": "one ConnectX-7 400 Gb/s NIC per GPU (DGX B200)"}),
 }
 
+COMPILED_FIELDS = ("row_gb_s", "block_us", "compiled_score_ns")  # routed's compiled decode (roofline.py)
 _REQUIRED = ("memory_gb", "memory_bandwidth_gb_s", "bf16_tflops")
 _OPTIONAL = ("fp8_tflops", "nvlink_gb_s", "network_gb_s", "devices_per_node", "price_per_hour", "price_source",
-             "sources", "name", "overlap_memory_compute", "eager", "score_ns", "logit_ns")
+             "sources", "name", "overlap_memory_compute", "eager", "score_ns", "logit_ns", *COMPILED_FIELDS)
 
 
 def get_hardware(spec: str) -> Hardware:
@@ -153,7 +182,8 @@ def hardware_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Hardware:
         raise RoutedError(f"{source}: missing field(s) {', '.join(missing)} (units: GB, GB/s, TFLOPS)")
     if unknown:
         raise RoutedError(f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(_REQUIRED + _OPTIONAL)}")
-    for k in _REQUIRED + ("fp8_tflops", "nvlink_gb_s", "network_gb_s", "devices_per_node", "price_per_hour"):
+    for k in _REQUIRED + ("fp8_tflops", "nvlink_gb_s", "network_gb_s", "devices_per_node", "price_per_hour",
+                          "score_ns", "logit_ns", *COMPILED_FIELDS):
         v = raw.get(k)
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
             raise RoutedError(f"{source}: field {k} is {v!r}; expected a non-negative number")
@@ -172,11 +202,12 @@ def hardware_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Hardware:
         eager=bool(raw.get("eager", False)),
         score_ns=float(raw["score_ns"]) if raw.get("score_ns") is not None else None,
         logit_ns=float(raw["logit_ns"]) if raw.get("logit_ns") is not None else None,
+        **{k: float(raw[k]) if raw.get(k) is not None else None for k in COMPILED_FIELDS},
     )
 
 
 # ---- this machine --------------------------------------------------------------------------------------
-PROBE_VERSION = 2  # 2: + score_ns, logit_ns (routed's eager engine)
+PROBE_VERSION = 3  # 2: + score_ns, logit_ns (routed's eager engine); 3: eager probes first, + compiled decode
 def cache_path() -> Path:
     return Path.home() / ".cache" / "routed" / "local_hardware.json"
 
@@ -226,9 +257,7 @@ def local_hardware(path: Path | None = None, remeasure: bool = False, threads: i
     return hw
 
 
-def probe_local(copy_mib: int = 256, matmul_n: int = 2048, repeats: int = 5) -> Hardware:
-    import torch
-
+def _median_seconds(repeats: int) -> Any:
     def median_seconds(fn: Any) -> float:
         fn()  # warm-up: page faults, kernel selection
         times = []
@@ -238,6 +267,17 @@ def probe_local(copy_mib: int = 256, matmul_n: int = 2048, repeats: int = 5) -> 
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
+    return median_seconds
+
+
+def probe_local(copy_mib: int = 256, matmul_n: int = 2048, repeats: int = 5, compiled: bool = True,
+                row_mib: int = 256) -> Hardware:
+    """This machine at torch's current thread count; see the module docstring for what is probed, in order.
+    `compiled=False` skips the compiled-decode probes (a child process that compiles for a few seconds)."""
+    import torch
+
+    median_seconds = _median_seconds(repeats)
+    score_ns, logit_ns = probe_eager(median_seconds)  # first: the allocator is still fresh (module docstring)
     src = torch.empty(copy_mib * 2**20 // 4, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
     copy_s = median_seconds(lambda: dst.copy_(src))
@@ -247,21 +287,148 @@ def probe_local(copy_mib: int = 256, matmul_n: int = 2048, repeats: int = 5) -> 
     b = torch.randn(matmul_n, matmul_n).to(torch.bfloat16)
     mm_s = median_seconds(lambda: torch.matmul(a, b))
     tflops = 2 * matmul_n**3 / mm_s / 1e12
-    score_ns, logit_ns = probe_eager(median_seconds)
+    del a, b
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     threads = torch.get_num_threads()
+    sources = {"score_ns": f"measured first (fresh allocator): routed's absorbed attention, 8 heads over "
+                           f"128/256/384 causal tokens, median of {repeats} each, median of the three",
+               "logit_ns": f"measured: fp32 cast and argmax of 16 x 129,280 logits, median of {repeats}",
+               "memory_bandwidth_gb_s": f"measured: torch copy of {copy_mib} MiB, median of {repeats}",
+               "bf16_tflops": f"measured: bf16 matmul {matmul_n}x{matmul_n}x{matmul_n}, median of {repeats}",
+               "memory_gb": "physical memory (sysconf)"}
+    fast: dict[str, float | None] = dict.fromkeys(COMPILED_FIELDS)
+    if compiled:
+        fast, why = probe_compiled(threads, repeats, row_mib)
+        sources["row_gb_s"] = (f"measured in a child process: routed.model.gemv's compiled multiply-sum over "
+                               f"{row_mib} MiB of distinct 4096x1024 bf16 matrices, median of {repeats}" if fast
+                               else f"not measured: {why}")
+        sources["block_us, compiled_score_ns"] = (
+            "measured in a child process: Transformer.compile_decode on an in-memory model of tiny's widths with "
+            "the score probe's attention widths (1 dense + 3 MoE layers, weights in cache), every block call timed "
+            f"over one-token steps at contexts 16-47 and {16 + LONG_CONTEXT}-{47 + LONG_CONTEXT} (the second "
+            "sweep over each), medians: per score from their difference, per block the rest"
+            if fast else "not measured")
+        fast = fast or dict.fromkeys(COMPILED_FIELDS)
     return Hardware(
         name=f"local ({_cpu_name()}, {threads} threads)", memory_gb=round(memory, 2),
         memory_bandwidth_gb_s=round(bandwidth, 2), bf16_tflops=round(tflops, 4), devices_per_node=1,
         overlap_memory_compute=False,  # CPU GEMMs at decode sizes take load time plus math time
         eager=True, score_ns=round(score_ns, 3), logit_ns=round(logit_ns, 3),
-        sources={"memory_bandwidth_gb_s": f"measured: torch copy of {copy_mib} MiB, median of {repeats}",
-                 "bf16_tflops": f"measured: bf16 matmul {matmul_n}x{matmul_n}x{matmul_n}, median of {repeats}",
-                 "score_ns": f"measured: routed's absorbed attention, 8 heads over 128/256/384 causal tokens, "
-                             f"median of {repeats} each, median of the three",
-                 "logit_ns": f"measured: fp32 cast and argmax of 16 x 129,280 logits, median of {repeats}",
-                 "memory_gb": "physical memory (sysconf)"},
+        **{k: (round(v, 3) if v is not None else None) for k, v in fast.items()},
+        sources=sources,
     )
+
+
+COMPILED_PROBE_TIMEOUT_S = 600
+# the compiled-decode probe's attention widths: the eager score probe's (probe_eager), on tiny's other widths
+PROBE_ATTENTION = {"num_attention_heads": 8, "num_key_value_heads": 8, "kv_lora_rank": 128, "qk_nope_head_dim": 64,
+                   "qk_rope_head_dim": 32, "v_head_dim": 64}
+LONG_CONTEXT = 1024  # the second sweep's contexts are this much longer: the difference is the attention's
+
+
+def probe_compiled(threads: int, repeats: int = 5, row_mib: int = 256
+                   ) -> tuple[dict[str, float] | None, str]:
+    """({row_gb_s, block_us, compiled_score_ns} of routed's compiled decode path, or None; why not) — measured in a
+    child process at `threads` torch threads, so its compiled graphs and allocations stay out of this one."""
+    import subprocess
+    import sys
+
+    code = (f"from routed.planner.hardware import _probe_compiled_here as p; "
+            f"p({int(threads)}, {int(repeats)}, {int(row_mib)})")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                              timeout=COMPILED_PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return None, f"the compiled-decode probe took over {COMPILED_PROBE_TIMEOUT_S} s"
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return None, f"the compiled-decode probe failed ({tail})"
+    result = json.loads(lines[-1])
+    if result.get("error"):
+        return None, str(result["error"])
+    return {k: float(result[k]) for k in COMPILED_FIELDS}, ""
+
+
+def _probe_compiled_here(threads: int, repeats: int, row_mib: int, layers: int = 4, steps: int = 32) -> None:
+    """The child of probe_compiled: prints one JSON line.
+
+    Block calls are timed over one-token steps at contexts 16-47, as `routed bench` decodes, on a second sweep
+    over those lengths: the first call at a new context length costs ~1 ms more once per process (oneDNN builds
+    a kernel for the attention's new shape, as in the eager engine), which the bench's medians of repeated
+    runs over the same lengths do not see either."""
+    import torch
+
+    from routed.config import ModelConfig
+    from routed.model import gemv
+    from routed.model.attention import PagedBatch
+    from routed.model.deepseek_v3 import Transformer
+    from routed.presets import PRESETS
+
+    torch.set_num_threads(threads)
+    median_seconds = _median_seconds(repeats)
+    bf16 = torch.bfloat16
+    # one-row read rate: the engine's compiled GEMV kernel (the same function, compiled the same way)
+    try:
+        kernel = torch.compile(gemv._gemv, dynamic=True)
+        rows, cols = 4096, 1024
+        count = max(2, row_mib * 2**20 // (rows * cols * 2))
+        weights = [torch.full((rows, cols), 0.01, dtype=bf16) for _ in range(count)]
+        x = torch.full((cols,), 0.5, dtype=bf16)
+        with torch.inference_mode():
+            seconds = median_seconds(lambda: [kernel(x, w) for w in weights])
+    except Exception as e:  # noqa: BLE001 — no compiler: the engine stays eager too
+        print(json.dumps({"error": f"cannot compile ({str(e).splitlines()[0][:160]})"}))
+        return
+    row_gb_s = len(weights) * rows * cols * 2 / seconds / 1e9
+    del weights
+    # fixed cost of a compiled block: a model of tiny's widths (the eager score probe's attention widths) whose
+    # weights sit in cache; and the cost per attention score from the same blocks at a ~1,000-token longer context
+    raw = {**PRESETS["tiny"], "num_hidden_layers": layers, "vocab_size": 1024, "num_nextn_predict_layers": 0,
+           **PROBE_ATTENTION}
+    cfg = ModelConfig.from_dict(raw, source="compiled-decode probe")
+    g = torch.Generator().manual_seed(0)
+    model = Transformer(cfg, bf16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("e_score_correction_bias"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if name.endswith("mlp.gate.weight") else 0.02))
+    model.eval()
+    if not model.compile_decode():
+        print(json.dumps({"error": "Transformer.compile_decode failed"}))
+        return
+    block = model._one_token_block
+    calls: list[float] = []
+
+    def timed(*args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = block(*args)
+        calls.append(time.perf_counter() - t0)
+        return out
+
+    model._one_token_block = timed
+    short, long = 16, 16 + LONG_CONTEXT
+    cache = model.new_cache(long + steps + 8)
+    medians = {}
+    with torch.inference_mode():
+        for first in (short, long):
+            for sweep in range(2):  # the first sweep meets each context length once (see above); the second is timed
+                calls.clear()
+                for step in range(steps):
+                    ctx = first + step
+                    batch = PagedBatch(cache, torch.tensor([ctx]), [(0, 1)], [torch.arange(ctx + 1)])
+                    model.forward_hidden(torch.tensor([[7 + step]]), torch.tensor([[ctx]]), batch)
+            medians[first] = statistics.median(calls)
+    heads = cfg.num_attention_heads
+    score_s = (medians[long] - medians[short]) / (heads * (long - short))
+    keys = short + steps / 2  # the short sweep's median context (+1 for the new key)
+    print(json.dumps({"row_gb_s": row_gb_s, "block_us": (medians[short] - score_s * heads * keys) * 1e6,
+                      "compiled_score_ns": score_s * 1e9}))
 
 
 def probe_eager(median_seconds: Any, heads: int = 8, rows: int = 16, vocab: int = 129280) -> tuple[float, float]:

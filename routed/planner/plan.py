@@ -30,7 +30,15 @@ from routed.planner.memory import (
     memory_fit,
     weight_breakdown,
 )
-from routed.planner.roofline import Efficiency, StepTime, cost_per_million, step_time, step_work
+from routed.planner.roofline import (
+    COMPILED_FORMATS,
+    Efficiency,
+    StepTime,
+    cost_per_million,
+    engine_compiles,
+    step_time,
+    step_work,
+)
 
 MEMORY_UTILIZATION = 0.90
 DEFAULT_MAX_BATCH = 128
@@ -119,7 +127,9 @@ class Plan:
             "step_model": "memory and compute combine as " + ("max (roofline)" if hw.overlap_memory_compute
                                                               else "a sum (no overlap)")
                           + ("; routed's eager engine: + ops x t_op, activation bytes, attention scores and logits"
-                             if hw.eager else ""),
+                             if hw.eager else "")
+                          + ("; decode at batch 1 is routed's compiled one-token step: bytes at the one-row rate + "
+                             "blocks x t_block + ops x t_op + scores and logits" if self.decode.work.compiled else ""),
             "notes": self.notes,
         }
 
@@ -137,7 +147,17 @@ def _step_dict(t: StepTime, plan: Plan) -> dict[str, Any]:
         "attention_flops": w.attention_flops, "nvlink_bytes": w.nvlink_bytes, "network_bytes": w.network_bytes,
         "experts_touched_per_moe_layer": w.experts_touched, "engine_ops": w.ops,
         "activation_bytes": w.activation_bytes, "score_elements": w.score_elements, "logit_elements": w.logit_elements,
+        "row_bytes": w.row_bytes, "compiled_blocks": w.blocks, "compiled": w.compiled,
     }
+
+
+def engine_features(cfg: ModelConfig, hw: Hardware, fmt: str, par: Parallelism) -> dict[str, bool]:
+    """step_work's gemv / compile_decode for routed's own engine on `hw`: the loader's rule (engine_compiles),
+    on hardware whose probe could compile (Hardware.compiles), one device (a sharded model stays eager), for
+    the formats whose compiled step is modelled (COMPILED_FORMATS; others are planned eager)."""
+    on = (hw.eager and hw.compiles and par == Parallelism() and fmt in COMPILED_FORMATS
+          and engine_compiles(cfg, fmt))
+    return {"gemv": on, "compile_decode": on}
 
 
 def make_plan(req: PlanRequest) -> Plan:
@@ -163,12 +183,13 @@ def make_plan(req: PlanRequest) -> Plan:
         raise RoutedError(
             f"--batch {batch} at --context {req.context} needs {batch * req.context * fit.kv_bytes_per_token / 1e9:.1f}"
             f" GB of latent cache per device; {max_batch} sequences fit beside the weights")
+    engine = engine_features(cfg, hw, fmt, par)
     decode = step_time(step_work(cfg, fmt, par, "decode", batch, req.context,
-                                 devices_per_node=hw.devices_per_node, eager=hw.eager), hw, req.efficiency)
+                                 devices_per_node=hw.devices_per_node, eager=hw.eager, **engine), hw, req.efficiency)
     prompts = max(1, PREFILL_TOKENS_PER_STEP // req.context)
     new = max(req.context - req.prefill_cached, 1)
     prefill = step_time(step_work(cfg, fmt, par, "prefill", prompts, 0, new_tokens=new, cached=req.prefill_cached,
-                                  devices_per_node=hw.devices_per_node, eager=hw.eager), hw, req.efficiency)
+                                  devices_per_node=hw.devices_per_node, eager=hw.eager, **engine), hw, req.efficiency)
     price = req.price_per_hour if req.price_per_hour is not None else hw.price_per_hour
     notes = _notes(cfg, hw, fmt, par)
     return Plan(req, weights, fit, batch, decode, prefill, prompts, price, notes)
@@ -185,6 +206,19 @@ def _notes(cfg: ModelConfig, hw: Hardware, fmt: str, par: Parallelism) -> list[s
                      "slots per device, the spare slots hold redundant copies")
     if not hw.overlap_memory_compute:
         notes.append("CPU step model: memory time + compute time (no overlap); calibrate with --calibrate")
+    if hw.eager:
+        if engine_features(cfg, hw, fmt, par)["compile_decode"]:
+            notes.append("routed compiles this model's one-token decode (bf16, >= 256 MiB of weights): decode at "
+                         "batch 1 is modelled as the compiled step; larger batches and prefill as the eager engine")
+        elif par == Parallelism() and engine_compiles(cfg, fmt) and fmt not in COMPILED_FORMATS:
+            notes.append(f"routed compiles this model's one-token decode in {fmt} too, which the planner does not "
+                         "model yet (no probed rate for its fused loops): decode at batch 1 is planned eager, "
+                         "slower than routed runs it")
+        else:
+            why = ("the probe could not compile here" if not hw.compiles else
+                   "not on one device" if par != Parallelism() else
+                   "routed compiles only models of >= 256 MiB of weights")
+            notes.append(f"routed's engine stays eager for this plan ({why})")
     return notes
 
 
@@ -197,5 +231,6 @@ def batch_sweep(req: PlanRequest, plan: Plan) -> list[tuple[int, StepTime]]:
         batches.append(b)
         b *= 2
     batches.append(top)
+    engine = engine_features(cfg, hw, plan.fmt, par)
     return [(b, step_time(step_work(cfg, plan.fmt, par, "decode", b, req.context, devices_per_node=hw.devices_per_node,
-                                    eager=hw.eager), hw, req.efficiency)) for b in batches]
+                                    eager=hw.eager, **engine), hw, req.efficiency)) for b in batches]

@@ -56,13 +56,51 @@ routed's own CPU engine (`eager=True`: the calibration runs, and plans on hardwa
   cast, scale, mask, softmax, cast back), probed on routed's own absorbed_attention (`Hardware.score_ns`;
   7-16 ns on one thread here whatever the head and latent sizes, so a 256-token prefill of `small`, 8.4M
   scores, spends ~90 ms in it), and the attention FLOPs of an eager step are 0 (they are inside t_score).
+  Not yet followed: since 93f469e the engine's default attention form ('auto') expands a whole prompt's keys
+  and attends in causal query chunks (naive) in prefill; the model still charges prefill as absorbed (every
+  key, at t_score), so it is expected to under-predict prefill on the current engine (docs/cost.md).
 * Logits: the fp32 cast and argmax over the vocabulary of every sampled row: t_logit per element, probed
   (`Hardware.logit_ns`, ~1 ns: 0.13 ms per sequence per step under DeepSeek's 129,280-token vocabulary).
 * And the per-sequence attention loop multiplies `kv_b_proj` (W_UK into the query, W_UV out of the latent)
   once per sequence: its bytes are read once per sequence, not once per step.
 
+Compiled one-token steps (`compile_decode=True`: the engine compiles, see `engine_compiles`). routed's loader
+compiles each decoder block for one-token steps (`Transformer.compile_decode`) and one-row bf16 products
+(`routed.model.gemv`) for models of at least gemv.MIN_MODEL_BYTES (256 MiB) of weights, not offloaded or
+sharded — the same rule here: weight_breakdown(cfg, fmt).total_bytes >= MIN_MODEL_BYTES. The planner models
+the compiled step for bf16 weights only (COMPILED_FORMATS): since 1723d45 routed compiles int8 and int4 decode
+too, whose fused dequantising loops read at rates of their own that nothing probes yet, so such plans keep the
+eager step (and say so), and calibration refuses such bench files. A decode step at one
+sequence (T = 1) then runs: the embedding row, one compiled call per decoder block (a few fused loops: the
+one-row products as multiply-sums reading the weights at a single-row rate, the chosen experts' weights read in
+place, router, norms, RoPE, softmax fused around them), the final norm, the lm_head through the compiled GEMV,
+the logits' argmax and the engine's per-step work. Modelled as
+
+    t_step = (weight bytes + cache bytes) / row rate + blocks · t_block + scores · t_score,compiled
+             + (27 + 22) ops · t_op + logits · t_logit
+
+* weight bytes: what the eager step reads at T = 1 (every weight but the embedding, k experts per MoE layer or
+  the measured `experts_touched`), all at the probed one-row rate (`Hardware.row_gb_s`, no η: the probe times
+  the engine's own kernel) and no FLOPs (the multiply-sums are bound by their reads; their arithmetic is in
+  the rate);
+* t_block per decoder block call (`Hardware.block_us`): probed — the compiled block of a model whose weights
+  sit in cache, timed in the engine's own decode pattern; what is left of a block call beyond its reads (guards,
+  the wrapper, a dozen small fused loops). Probed rather than fitted because only one run per bench file (decode
+  at batch 1) would pin it, and a probe keeps the compiled step free of fitted factors but the 49 ops of t_op;
+* scores: the same score elements as the eager step, at the compiled path's own probed cost per score
+  (`Hardware.compiled_score_ns`, ~30 ns here at the probe's widths against ~11 for the eager engine: at long
+  contexts the compiled attention is the slower one);
+* ops: only the engine's per-step and per-sequence ops outside the blocks (ENGINE_OPS "step" and "sequence"),
+  at the fitted t_op; no activation traffic (fused).
+Multi-token steps (prefill, decode at 2+ sequences) stay eager; with the GEMV on (`gemv=True`, the same rule)
+the lm_head of a step that samples one row (batch 1) is a one-row product and is read at the row rate too
+(and an eager decode step at one sequence, the GEMV without the compiled blocks, reads every one-row linear
+product — attention projections, MLPs, experts, lm_head; not kv_b, which the attention multiplies as a tensor —
+at the row rate, its other costs as eager; not checked against measurement).
+
 t_op defaults to 0 (GPU plans: CUDA graphs; not modelled) and is calibrated from `routed bench` files for
-`local`, together with η_mem and η_compute; t_score and t_logit are measured by the probe, not fitted.
+`local`, together with η_mem and η_compute; t_score, t_logit, the row rate, t_block and the compiled t_score are
+measured by the probe, not fitted.
 """
 
 from __future__ import annotations
@@ -71,6 +109,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from routed.config import ModelConfig
+from routed.errors import RoutedError
 from routed.planner.hardware import Hardware
 from routed.planner.memory import (
     Parallelism,
@@ -80,6 +119,7 @@ from routed.planner.memory import (
     tensor_bytes,
     tensor_specs,
     device_share,
+    weight_breakdown,
 )
 
 ATTENTION_FORMS = ("mha", "absorb")
@@ -123,6 +163,9 @@ class StepWork:
     activation_bytes: float = 0.0  # eager only: bytes the unfused ops read and write
     score_elements: float = 0.0  # eager only: attention (query, key, head) scores computed
     logit_elements: float = 0.0  # eager only: vocabulary entries cast and searched for sampling
+    row_bytes: float = 0.0  # bytes read by compiled one-row products (routed.model.gemv), at Hardware.row_gb_s
+    blocks: float = 0.0  # compiled decoder block calls (a compiled one-token step), at Hardware.block_us each
+    compiled: bool = False  # a compiled one-token step: its scores cost Hardware.compiled_score_ns
 
 
 @dataclass(slots=True)
@@ -131,9 +174,9 @@ class StepTime:
     memory_s: float  # weight + cache bytes over bandwidth
     compute_s: float  # all FLOPs over peak
     comm_s: float
-    overhead_s: float  # t_op × engine ops
+    overhead_s: float  # t_op × engine ops (+ t_block × compiled block calls)
     step_s: float
-    eager_s: float = 0.0  # activation traffic, attention scores and logits of an eager engine
+    eager_s: float = 0.0  # activation traffic, attention scores and logits of routed's CPU engine
 
     @property
     def bound(self) -> str:
@@ -168,6 +211,18 @@ def engine_ops(dense_layers: int, moe_layers: int, sequences: float, experts_run
             + (c["layer_sequence"] * layers + c["sequence"]) * sequences + c["expert"] * experts_run)
 
 
+def engine_compiles(cfg: ModelConfig, fmt: str) -> bool:
+    """Whether routed's loader compiles this model's one-token decode on a CPU: at least
+    routed.model.gemv.MIN_MODEL_BYTES of weights as held (`fmt`), not offloaded or sharded (which the planner
+    does not model). The one-row GEMV is on for the same models in bf16 (the loaded dtype of every format here)."""
+    from routed.model.gemv import MIN_MODEL_BYTES  # imports torch: only for plans of routed's own engine
+
+    return weight_breakdown(cfg, fmt).total_bytes >= MIN_MODEL_BYTES
+
+
+COMPILED_FORMATS = ("bf16",)  # the compiled step modelled: int8/int4 (compiled since 1723d45) read at other rates
+
+
 def _node_hit(n_experts: int, k: int, nodes: int) -> float:
     """P(a given node holds at least one of a token's k experts), experts spread evenly over `nodes`."""
     per_node = n_experts // nodes
@@ -177,7 +232,7 @@ def _node_hit(n_experts: int, k: int, nodes: int) -> float:
 def step_work(
     cfg: ModelConfig, fmt: str, par: Parallelism, mode: str, batch: int, context: int, new_tokens: int = 1,
     cached: int = 0, attention: str = "mha", devices_per_node: int = 8, experts_touched: float | None = None,
-    eager: bool = False,
+    eager: bool = False, gemv: bool = False, compile_decode: bool = False,
 ) -> StepWork:
     """Count one device's bytes, FLOPs and interconnect bytes for one step (see the module docstring).
 
@@ -188,6 +243,9 @@ def step_work(
     eager: routed's own CPU engine (absorbed attention per sequence, unfused ops): adds the activation
     bytes, score elements (every key, masked afterwards; their einsums' FLOPs move into t_score) and logit
     elements, and the per-sequence kv_b reads of the module docstring. Implies attention="absorb".
+    gemv, compile_decode (with eager): the engine's compiled one-row products and compiled one-token decode are
+    on (`engine_compiles`); a decode step at one sequence is then a compiled step, and one-row products of
+    eager steps are read at the row rate (module docstring).
     """
     if eager:
         attention = "absorb"
@@ -195,7 +253,12 @@ def step_work(
     q = 1 if decode else new_tokens
     T = batch * q  # tokens per attention data-parallel rank (a TP group)
     H_local = cfg.num_attention_heads / par.tp
-    weight_bytes = linear_flops = 0.0
+    compiled = eager and compile_decode and decode and T == 1
+    if compiled and fmt not in COMPILED_FORMATS:
+        raise RoutedError(f"routed's compiled one-token step is modelled for {', '.join(COMPILED_FORMATS)} weights, "
+                          f"not {fmt} (its fused loops read {fmt} at a rate nothing probes yet)")
+    gemv = eager and (gemv or compiled)
+    weight_bytes = linear_flops = row_bytes = 0.0
     for spec in tensor_specs(cfg):
         if spec.expert:
             continue
@@ -203,8 +266,12 @@ def step_work(
         if spec.name == "model.embed_tokens":  # a gather of T rows, no FLOPs
             weight_bytes += T * cfg.hidden_size * 2 / par.tp
             continue
-        weight_bytes += tensor_bytes(spec, fmt) * share
         rows = batch if spec.name == "lm_head" else T  # logits only for the sampled row of each sequence
+        one_row = (spec.linear and not spec.name.endswith("kv_b_proj")) or spec.name == "lm_head"
+        if compiled or (gemv and rows == 1 and one_row):  # read by a compiled multiply-sum: bytes, no FLOPs
+            row_bytes += tensor_bytes(spec, fmt) * share
+            continue
+        weight_bytes += tensor_bytes(spec, fmt) * share
         linear_flops += 2 * rows * spec.numel * share
 
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
@@ -214,9 +281,12 @@ def step_work(
         group_tokens = T * par.ep / par.tp  # tokens reaching one EP group of `ep` devices
         held = math.ceil(E / par.ep)
         touched = held * (1.0 - (1.0 - k / E) ** group_tokens) if experts_touched is None else experts_touched
-        weight_bytes += moe_layers * touched * expert_bytes(cfg, fmt)
-        per_expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-        linear_flops += moe_layers * 2 * (group_tokens * k / par.ep) * per_expert_params
+        if gemv and T == 1:  # one token: every expert it runs is a one-row product (compiled: read in place)
+            row_bytes += moe_layers * touched * expert_bytes(cfg, fmt)
+        else:
+            weight_bytes += moe_layers * touched * expert_bytes(cfg, fmt)
+            per_expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+            linear_flops += moe_layers * 2 * (group_tokens * k / par.ep) * per_expert_params
 
     L, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
     N, V = cfg.qk_nope_head_dim, cfg.v_head_dim
@@ -236,6 +306,12 @@ def step_work(
     nvlink, network = _comm_bytes(cfg, fmt, par, decode, T, moe_layers, devices_per_node)
     ops = engine_ops(layers - moe_layers, moe_layers, batch, moe_layers * touched)
     activation = scores = logits = 0.0
+    if compiled:  # module docstring, "compiled one-token steps"
+        ops = ENGINE_OPS["step"] + ENGINE_OPS["sequence"]  # outside the compiled blocks
+        scores = layers * H_local * (context + 1)
+        logits = cfg.vocab_size
+        return StepWork(mode, T / par.tp, weight_bytes, 0.0, 0.0, 0.0, fmt == "fp8", nvlink, network, touched, ops,
+                        0.0, scores, logits, row_bytes + cache_bytes, float(layers), True)
     if eager:
         a = ACTIVATION_BYTES
         activation = T * (a["hidden"] * layers * cfg.hidden_size + a["expert_hidden"] * moe_layers * k * cfg.hidden_size
@@ -246,7 +322,7 @@ def step_work(
         kv_b = TensorSpec("kv_b_proj", "attention", cfg.num_attention_heads * (N + V), L, linear=True)
         weight_bytes += (batch - 1) * layers * tensor_bytes(kv_b, fmt) / par.tp  # read again for every sequence
     return StepWork(mode, T / par.tp, weight_bytes, cache_bytes, linear_flops, attention_flops, fmt == "fp8",
-                    nvlink, network, touched, ops, activation, scores, logits)
+                    nvlink, network, touched, ops, activation, scores, logits, row_bytes)
 
 
 def _comm_bytes(
@@ -294,11 +370,17 @@ def step_time(work: StepWork, hw: Hardware, eff: Efficiency) -> StepTime:
     if (work.network_bytes and not hw.network_gb_s) or (work.nvlink_bytes and not hw.nvlink_gb_s):
         comm = math.inf  # a multi-device plan on hardware without the link it needs
     comm /= eff.comm
-    overhead = eff.op_s * work.ops
-    eager = (work.activation_bytes / (hw.memory_bandwidth_gb_s * 1e9) + work.score_elements * (hw.score_ns or 0) * 1e-9
+    if (work.row_bytes or work.blocks) and not hw.compiles:
+        raise RoutedError(f"{hw.name} has no probed figures for routed's compiled decode (row_gb_s, block_us, "
+                          "compiled_score_ns), which this step runs; re-probe `local` (delete its cache file)")
+    rows = work.row_bytes / (hw.row_gb_s * 1e9) if work.row_bytes else 0.0  # type: ignore[operator]
+    compute_side += rows
+    overhead = eff.op_s * work.ops + work.blocks * (hw.block_us or 0) * 1e-6
+    score_ns = hw.compiled_score_ns if work.compiled else hw.score_ns
+    eager = (work.activation_bytes / (hw.memory_bandwidth_gb_s * 1e9) + work.score_elements * (score_ns or 0) * 1e-9
              + work.logit_elements * (hw.logit_ns or 0) * 1e-9)
     step = compute_side + comm - eff.overlap * min(compute_side, comm) + overhead + eager
-    return StepTime(work, mem_w + mem_a, fl_w + fl_a, comm, overhead, step, eager)
+    return StepTime(work, mem_w + mem_a + rows, fl_w + fl_a, comm, overhead, step, eager)
 
 
 def cost_per_million(tokens_per_second_per_device: float, price_per_hour: float | None) -> float | None:
