@@ -232,7 +232,7 @@ def load_model(
         if dtype == torch.bfloat16:
             gemv.enable()
         if not (offloaded or shard is not None):
-            model.compile_decode()
+            model.compile_decode(progress=progress)
     return model
 
 

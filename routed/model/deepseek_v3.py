@@ -28,6 +28,7 @@ from routed.config import ModelConfig, RopeConfig
 from routed.model.attention import ATTENTION, ATTN_IMPLS, PagedBatch, paged_attention
 from routed.model.experts import RoutedExperts
 from routed.model.gemv import Linear
+from routed.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +418,7 @@ class Transformer(nn.Module):
             h = run(layer, h, rope, positions_BT, batch, i, self.attn_impl)
         return self.model.norm(h)
 
-    def compile_decode(self) -> bool:
+    def compile_decode(self, progress: bool = False) -> bool:
         """Compile the decoder block for one-token steps (decode at batch 1); True if it is in use.
 
         One-token steps are memory-bound GEMVs plus ~350 small ops per layer, most of them per-op overhead in
@@ -444,8 +445,11 @@ class Transformer(nn.Module):
                 positions = torch.tensor([[2]])
                 rope = self.rotary(positions)
                 h = self.model.embed_tokens(torch.tensor([[0]]))
-                for i, layer in enumerate(self.model.layers):
-                    h = compiled(layer, h, rope, positions, batch, i, self.attn_impl)
+                with progress_bar("compiling the decode step", total=len(self.model.layers),
+                                  enabled=progress) as advance:
+                    for i, layer in enumerate(self.model.layers):
+                        h = compiled(layer, h, rope, positions, batch, i, self.attn_impl)
+                        advance()
         except Exception as e:  # noqa: BLE001 — no compiler, or inductor refuses: the eager path is correct
             log.warning("compiled one-token decode unavailable (%s); staying eager", str(e).splitlines()[0][:200])
             return False

@@ -1,0 +1,114 @@
+"""The speed issue's table in one script: transformers bf16 against routed bf16, int8 and int4 on one checkpoint.
+
+All four models are loaded in this one process and timed in turn within each repeat (so a noisy minute hits
+every engine alike); figures are medians over the repeats; ratios are to transformers bf16 in the same run.
+
+    python benchmarks/speed_small.py --model checkpoints/small --threads 2 --repeats 5 --out benchmarks/results/speed_small.json
+
+Prefill: one prompt of --prompt-len random ids, last position's logits (transformers: `logits_to_keep=1`,
+as its generate() does). Decode: --gen-len greedy tokens after a 16-token prompt, batch 1 for every engine,
+batches 8 and 16 for routed bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from routed.bench import _decode, _prefill
+from routed.config import EngineConfig
+from routed.engine.engine import LLMEngine
+from routed.loader import load_model
+from routed.progress import progress_bar
+from routed.tokenizer import Tokenizer
+
+
+def transformers_runner(path: str, prompt_len: int, gen_len: int):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+
+    def prefill() -> float:
+        ids = torch.randint(1000, vocab - 1, (1, prompt_len), generator=g)
+        start = time.perf_counter()
+        model(ids, logits_to_keep=1)
+        return prompt_len / (time.perf_counter() - start)
+
+    def decode() -> float:  # generate's own prefill of the 16-token prompt subtracted
+        ids = torch.randint(1000, vocab - 1, (1, 16), generator=g)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, do_sample=False)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False)
+        return (gen_len - 1) / (time.perf_counter() - start - first)
+
+    return prefill, decode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rng = random.Random(0)
+    figures: dict[str, list[float]] = {}
+    tasks: list[tuple[str, object]] = []
+    with torch.inference_mode():
+        hf_prefill, hf_decode = transformers_runner(args.model, args.prompt_len, args.gen_len)
+        hf_prefill(), hf_decode()  # warm-up
+    tasks += [("transformers bf16 prefill", hf_prefill), ("transformers bf16 decode b1", hf_decode)]
+    tok = Tokenizer.from_pretrained(args.model)
+    engines = {}
+    for quant in (None, "int8", "int4"):
+        name = f"routed {quant or 'bf16'}"
+        start = time.perf_counter()
+        model = load_model(args.model, "bf16", progress=False, quant=quant)
+        load_s = time.perf_counter() - start
+        engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=16, max_num_batched_tokens=args.prompt_len,
+                                                    kv_cache_gb=0.5, enable_prefix_caching=False,
+                                                    routing_telemetry=False))
+        engines[name] = {"load_s": load_s, "compiled_decode": model._one_token_block is not None}
+        _decode(engine, 1, 4, rng)
+        for _ in range(3):
+            _prefill(engine, args.prompt_len, rng)
+        tasks.append((f"{name} prefill", lambda e=engine: _prefill(e, args.prompt_len, rng)))
+        for b in ((1, 8, 16) if quant is None else (1,)):
+            tasks.append((f"{name} decode b{b}", lambda e=engine, b=b: _decode(e, b, args.gen_len, rng)))
+    with progress_bar("speed", total=args.repeats * len(tasks)) as advance, torch.inference_mode():
+        for _ in range(args.repeats):
+            for name, task in tasks:
+                figures.setdefault(name, []).append(task())  # type: ignore[operator]
+                advance()
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    hf = {"prefill": med["transformers bf16 prefill"], "decode b1": med["transformers bf16 decode b1"]}
+    out = {
+        "model": args.model, "threads": args.threads, "repeats": args.repeats, "prompt_len": args.prompt_len,
+        "gen_len": args.gen_len, "engines": engines,
+        "tok_s": {k: round(v, 1) for k, v in med.items()},
+        "spread": {k: round(max(v) - min(v), 1) for k, v in figures.items()},
+        "ratio_vs_transformers_bf16": {
+            k: round(v / hf["prefill" if k.endswith("prefill") else "decode b1"], 2)
+            for k, v in med.items() if not k.startswith("transformers") and k.endswith(("prefill", " b1"))},
+    }
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
