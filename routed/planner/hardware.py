@@ -32,7 +32,7 @@ calibrated on), in this order:
    `tiny` preset's widths with the score probe's attention widths (4 layers, 1 dense + 3 MoE, 1,024-token
    vocabulary: 5.5 MB of weights, held in cache, so a block call costs what a block costs beyond reading its
    weights), every block call timed over one-token steps at contexts 16-47, as `routed bench` decodes, and at
-   contexts 1,040-1,071: the cost per attention score (`compiled_score_ns`, from the difference of the two
+   contexts 4,112-4,143: the cost per attention score (`compiled_score_ns`, from the difference of the two
    medians) and the fixed cost per block call (`block_us`, the rest). Where nothing can be compiled (no C
    compiler) these stay null, as the engine then stays eager.
 
@@ -323,7 +323,7 @@ COMPILED_PROBE_TIMEOUT_S = 600
 # the compiled-decode probe's attention widths: the eager score probe's (probe_eager), on tiny's other widths
 PROBE_ATTENTION = {"num_attention_heads": 8, "num_key_value_heads": 8, "kv_lora_rank": 128, "qk_nope_head_dim": 64,
                    "qk_rope_head_dim": 32, "v_head_dim": 64}
-LONG_CONTEXT = 1024  # the second sweep's contexts are this much longer: the difference is the attention's
+LONG_CONTEXT = 4096  # the second sweep's contexts are this much longer: the difference is the attention's
 
 
 def probe_compiled(threads: int, repeats: int = 5, row_mib: int = 256
