@@ -1,7 +1,8 @@
 """Measure routed with `routed bench` on several shapes, calibrate `routed plan` on one, check the others.
 
-    python benchmarks/plan_calibration.py                  # measure tiny, demo, medium, small; fit on small
+    python benchmarks/plan_calibration.py                  # measure tiny, demo, medium, small; fit on medium
     python benchmarks/plan_calibration.py --report-only    # reuse the bench files already in --out
+    python benchmarks/plan_calibration.py --report-only --out benchmarks/results/plan_calibration/eager-720ff02
 
 For each shape (a random checkpoint of a routed preset, written once into --checkpoints; `demo` is the trained
 model bundled in the package; `small` is ./checkpoints/small when present) this runs, one at a time:
@@ -14,19 +15,29 @@ and keeps the first file's runs plus the second's 64-token prefill in DIR/bench_
 fit on one shape enough leverage to tell the per-op overhead (grows with layers, sequences and experts run)
 from bytes (grows with the distinct experts read, which saturates) and FLOPs (grow with tokens).
 
+The engine: each file records `routed bench`'s `engine` (version, commit, and whether the compiled one-row
+GEMV and the compiled one-token decode were in use; both commands must agree). On the current engine `medium`
+(0.92 GB) and `small` (2.0 GB) load with both on — their decode at batch 1 is a compiled step, which the
+planner models from the probe's one-row read rate, per-block cost and compiled per-score cost — and `tiny`
+(68 MB) and the demo model (22 MB) stay eager (routed.model.gemv.MIN_MODEL_BYTES); the script says so per shape
+and warns where the engine did something else than the planner's rule (`engine_compiles`) expects.
+
 The machine may be shared: before each `routed bench` call the script waits (up to --patience seconds) for a
 2-second window in which other processes use at most --max-foreign of all CPU time; the call is timed against
 /proc/stat, and when other processes used more than that while it ran it is run again (up to --tries times,
 keeping the least disturbed). The other processes' share is recorded per command (`foreign_cpu`). Before each
-shape the `local` hardware probe (copy bandwidth, bf16 matmul rate, routed's per-score attention and per-logit
-costs, at the same thread count) is re-run and recorded as `local_hardware`.
+shape the `local` hardware probe is re-run in a fresh process (its attention-score probe runs first, in a fresh
+allocator state: routed.planner.hardware), at the same thread count, and recorded as `local_hardware`.
 
 Measuring a shape again keeps the earlier file as bench_<shape>.session<n>.json. The planner is fitted
 (routed.planner.calibrate) on every session of --calibrate-on (one checkpoint; pooling sessions averages the
-shared machine's noise) with the probe of its latest session, and predicts every run of the other shapes'
-latest sessions; the Markdown table, with each error, is printed, then the largest error per shape of a fit
-on each single session of each shape. tests/test_planner.py runs the pooled fit on the files committed under
-benchmarks/results/plan_calibration/ and requires every prediction within 25%.
+shared machine's noise) that ran the same engine paths with the same probe as its latest session, with the
+probe of the latest session, and predicts every run of the other shapes' latest sessions; the Markdown table,
+with each error, is printed, then the largest error per shape of a fit on each single session of each shape.
+The files measured on the eager engine of 720ff02 (before the compiled GEMV and decode) are kept under
+benchmarks/results/plan_calibration/eager-720ff02/; tests/test_planner.py runs the pooled fit on them and, once
+this script has written files measured on the current engine into benchmarks/results/plan_calibration/, on
+those, and requires every prediction within 25%.
 """
 
 from __future__ import annotations
@@ -100,6 +111,24 @@ def run_bench(argv: list[str], tries: int, max_foreign: float) -> tuple[dict[str
     return best
 
 
+def probe_hardware() -> dict[str, Any]:
+    """The `local` probe at THREADS threads, re-measured in a fresh process (fresh allocator, no compiled graphs)."""
+    code = ("import json, torch; from routed.planner.hardware import local_hardware; "
+            f"torch.set_num_threads({THREADS}); "
+            f"print(json.dumps(local_hardware(remeasure=True, threads={THREADS}).to_dict()))")
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"the local hardware probe failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def engine_key(raw: dict[str, Any]) -> tuple[Any, ...]:
+    """What must agree for bench sessions to be pooled: the engine's compiled paths and the probe's version."""
+    engine = raw.get("engine") or {}
+    return bool(engine.get("gemv")), bool(engine.get("compiled_decode")), raw.get("probe_version", 2)
+
+
 def checkpoint(shape: str, folder: Path) -> Path:
     if shape == "demo":
         return ROOT / "routed" / "demo_model"
@@ -124,10 +153,11 @@ def _short(run: dict[str, Any]) -> dict[str, Any]:
 def bench_shape(shape: str, path: Path, out: Path, repeats: int, tries: int, max_foreign: float) -> Path:
     import torch
 
-    from routed.planner.hardware import local_hardware
+    from routed.config import ModelConfig
+    from routed.planner.hardware import PROBE_VERSION
+    from routed.planner.roofline import engine_compiles
 
-    torch.set_num_threads(THREADS)
-    hw = local_hardware(remeasure=True, threads=THREADS)
+    hw = probe_hardware()
     main_argv = ["--model", str(path), "--prompt-len", "256", "--gen-len", "32", "--batch", "1,2,4,8,16,32,64",
                  "--repeats", str(repeats)]
     short_argv = ["--model", str(path), "--prompt-len", "64", "--gen-len", "2", "--batch", "1",
@@ -136,14 +166,27 @@ def bench_shape(shape: str, path: Path, out: Path, repeats: int, tries: int, max
     short, foreign_short = run_bench(short_argv, tries, max_foreign)
     runs = [_short(r) for r in main["runs"]]
     runs.insert(0, _short(next(r for r in short["runs"] if r["kind"] == "prefill")))
+    engine = main.get("engine")
+    if engine is None:
+        raise SystemExit("routed bench --json did not record `engine`; this script needs a routed that does")
+    if {k: v for k, v in engine.items()} != short.get("engine"):
+        raise SystemExit(f"{shape}: the two routed bench commands ran different engines: {engine} vs "
+                         f"{short.get('engine')}")
+    expected = engine_compiles(ModelConfig.from_dict(main["model"]["config"]), main["quant"] or "bf16")
+    state = "compiled one-token decode at batch 1" if engine["compiled_decode"] else "eager decode"
+    print(f"  {shape}: {state}, GEMV {'on' if engine['gemv'] else 'off'} (engine {engine.get('commit')})",
+          file=sys.stderr)
+    if engine["compiled_decode"] != expected or engine["gemv"] != expected:
+        print(f"  warning: the planner's rule expects {shape} {'compiled' if expected else 'eager'}; the bench "
+              "file's `engine` is what the fit uses", file=sys.stderr)
     result = {
         "model": {"preset": shape, "path": os.path.relpath(path, ROOT), "config": main["model"]["config"]},
         "dtype": main["dtype"], "quant": main["quant"], "max_ram_gb": main["max_ram_gb"], "threads": main["threads"],
-        "torch": torch.__version__,
+        "torch": torch.__version__, "engine": engine, "probe_version": PROBE_VERSION,
         "commands": [f"routed bench {' '.join(a)} --threads {THREADS} --json" for a in (main_argv, short_argv)],
         "foreign_cpu": [round(foreign_main, 3), round(foreign_short, 3)],
         "note": "runs: the 64-token prefill of the second command, then every run of the first",
-        "local_hardware": hw.to_dict(),
+        "local_hardware": hw,
         "runs": runs,
     }
     file = out / f"bench_{shape}.json"
@@ -159,8 +202,11 @@ def bench_shape(shape: str, path: Path, out: Path, repeats: int, tries: int, max
 
 
 def sessions(files: dict[str, Path], shape: str) -> list[Path]:
-    """Every session's bench file of `shape`: bench_<shape>.json and the earlier bench_<shape>.session<n>.json."""
-    return sorted(files[shape].parent.glob(f"bench_{shape}.session*.json")) + [files[shape]]
+    """The sessions of `shape` to pool: bench_<shape>.json and the earlier bench_<shape>.session<n>.json that ran
+    the same engine paths with the same probe (engine_key)."""
+    latest = engine_key(json.loads(files[shape].read_text()))
+    earlier = sorted(files[shape].parent.glob(f"bench_{shape}.session*.json"))
+    return [f for f in earlier if engine_key(json.loads(f.read_text())) == latest] + [files[shape]]
 
 
 def report(files: dict[str, Path], calibrate_on: str) -> tuple[str, float]:
@@ -209,7 +255,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for bench_<shape>.json")
     parser.add_argument("--checkpoints", type=Path, default=Path("/tmp/routed_plan_calibration"),
                         help="where random checkpoints are written (once)")
-    parser.add_argument("--calibrate-on", default="small", help="the shape the planner is fitted on")
+    parser.add_argument("--calibrate-on", default="medium", help="the shape the planner is fitted on (default medium)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per figure; routed bench keeps the median")
     parser.add_argument("--tries", type=int, default=3, help="attempts per command before keeping the least disturbed")
     parser.add_argument("--max-foreign", type=float, default=0.1, metavar="SHARE",
