@@ -3,6 +3,7 @@
     python benchmarks/plan_calibration.py                  # measure tiny, demo, medium, small; fit on medium
     python benchmarks/plan_calibration.py --report-only    # reuse the bench files already in --out
     python benchmarks/plan_calibration.py --report-only --out benchmarks/results/plan_calibration/eager-720ff02
+    python benchmarks/plan_calibration.py --reprobe 3      # re-run the probe for fields the stored files lack
 
 For each shape (a random checkpoint of a routed preset, written once into --checkpoints; `demo` is the trained
 model bundled in the package; `small` is ./checkpoints/small when present) this runs, one at a time:
@@ -34,6 +35,15 @@ Measuring a shape again keeps the earlier file as bench_<shape>.session<n>.json.
 shared machine's noise) that ran the same engine paths with the same probe as its latest session, with the
 probe of the latest session, and predicts every run of the other shapes' latest sessions; the Markdown table,
 with each error, is printed, then the largest error per shape of a fit on each single session of each shape.
+
+A probe field added after a folder's files were measured (naive_score_ns, probe version 4: the naive-form
+prefill attention) is missing from their `local_hardware`. `--reprobe N` re-runs the probe N times, each in a
+fresh process (waiting for a quiet machine as above, recording the other processes' share), and writes
+DIR/probe_supplement.json: every probe, the engine code it ran (and whether routed's model, engine, loader and
+quant code equal those of the files' engine commit), and under `fill` the median of each missing field; the
+report then takes those fields from it (routed.planner.calibrate.recorded_hardware) and says so. Run it from a
+clean checkout whose engine code equals the files' engine.
+
 The files measured on the eager engine of 720ff02 (before the compiled GEMV and decode) are kept under
 benchmarks/results/plan_calibration/eager-720ff02/; tests/test_planner.py runs the pooled fit on them and, once
 this script has written files measured on the current engine into benchmarks/results/plan_calibration/, on
@@ -209,18 +219,63 @@ def sessions(files: dict[str, Path], shape: str) -> list[Path]:
     return [f for f in earlier if engine_key(json.loads(f.read_text())) == latest] + [files[shape]]
 
 
+def reprobe(out: Path, count: int, max_foreign: float) -> Path:
+    """Re-run the `local` probe `count` times in fresh processes; write out/probe_supplement.json (module docstring)."""
+    import statistics
+
+    from routed.bench import _commit
+    from routed.planner.calibrate import PROBE_SUPPLEMENT
+    from routed.planner.hardware import PROBE_VERSION
+
+    stored = [json.loads(f.read_text()) for f in sorted(out.glob("bench_*.json"))]
+    if not stored:
+        raise SystemExit(f"{out}: no bench files to re-probe for")
+    missing = sorted({k for raw in stored for k in ("naive_score_ns",) if raw["local_hardware"].get(k) is None})
+    engines = sorted({str((raw.get("engine") or {}).get("commit")) for raw in stored})
+    probes, foreign = [], []
+    for i in range(count):
+        wait_for_quiet(max_foreign, PATIENCE_S)
+        busy0, total0 = _jiffies()
+        mine0 = _children_jiffies()
+        probes.append(probe_hardware())
+        busy1, total1 = _jiffies()
+        foreign.append(round(max(0, (busy1 - busy0) - (_children_jiffies() - mine0)) / max(total1 - total0, 1), 3))
+        print(f"  probe {i + 1}: other processes {foreign[-1]:.1%} of the CPUs; "
+              + ", ".join(f"{k} {probes[-1].get(k)}" for k in ("score_ns", "naive_score_ns", "logit_ns")),
+              file=sys.stderr)
+    same = {}
+    for commit in engines:
+        paths = ["routed/model", "routed/engine", "routed/loader.py", "routed/quant"]
+        diff = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", commit.split("+")[0], "--", *paths],
+                              capture_output=True)
+        same[commit] = diff.returncode == 0  # also compares uncommitted changes of this checkout
+    commit = _commit()
+    result = {
+        "note": f"the `local` probe (version {PROBE_VERSION}) re-run {count} times in fresh processes at {THREADS} "
+                f"thread(s) after the bench files in this folder were measured, for the field(s) their recorded "
+                f"probe lacks ({', '.join(missing) or 'none'}); `fill`: the median of each",
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "engine": commit, "bench_engines": engines,
+        "engine_code_equals_bench_engine": same,  # routed/model, engine, loader, quant: git diff against each
+        "threads": THREADS, "probe_version": PROBE_VERSION, "foreign_cpu": foreign,
+        "fill": {k: round(statistics.median(p[k] for p in probes), 3) for k in missing},
+        "probes": probes,
+    }
+    file = out / PROBE_SUPPLEMENT
+    file.write_text(json.dumps(result, indent=1) + "\n")
+    return file
+
+
 def report(files: dict[str, Path], calibrate_on: str) -> tuple[str, float]:
     """Fit on every session of one shape, predict every shape's latest runs; -> (Markdown, worst error off it)."""
-    from routed.planner.calibrate import calibrate, load_bench
-    from routed.planner.hardware import hardware_from_dict
+    from routed.planner.calibrate import calibrate, load_bench, recorded_hardware
 
     benches = {shape: load_bench(file) for shape, file in files.items()}
-    recorded = json.loads(files[calibrate_on].read_text())["local_hardware"]
-    hw = hardware_from_dict(recorded, str(files[calibrate_on]))
+    hw, where = recorded_hardware(files[calibrate_on])
     fitted = sessions(files, calibrate_on)
     fit = calibrate([load_bench(f) for f in fitted], hw)
     lines = [
-        f"Hardware `local` (probe recorded with the latest `{calibrate_on}` session): {hw.describe()}",
+        f"Hardware `local` ({where}, the latest `{calibrate_on}` session): {hw.describe()}",
         f"Fitted on `{calibrate_on}` ({len(fitted)} session(s): {', '.join(f.name for f in fitted)}): "
         f"{fit.efficiency.describe()} (RMS log error {fit.rms_log_error:.3f})",
         "",
@@ -240,7 +295,7 @@ def report(files: dict[str, Path], calibrate_on: str) -> tuple[str, float]:
               "| fitted on | fitted factors | " + " | ".join(files) + " |", "|---|---|" + "---|" * len(files)]
     for on in files:
         for file in sessions(files, on):
-            own = hardware_from_dict(json.loads(file.read_text())["local_hardware"], str(file))
+            own, _ = recorded_hardware(file)
             other = calibrate([load_bench(file)], own)
             cells = [f"{max(abs(r.error) for r in other.predict(benches[shape], own)):.1%}" for shape in files]
             e = other.efficiency
@@ -263,6 +318,9 @@ def main() -> int:
     parser.add_argument("--patience", type=float, default=900.0, metavar="SECONDS",
                         help="before each command, wait up to this long for a quiet machine (default 900)")
     parser.add_argument("--report-only", action="store_true", help="do not measure; use the files in --out")
+    parser.add_argument("--reprobe", type=int, default=0, metavar="N",
+                        help="re-run the probe N times for the fields the stored files' probes lack, write "
+                             "--out/probe_supplement.json, then report (implies --report-only)")
     args = parser.parse_args()
     global PATIENCE_S
     PATIENCE_S = args.patience
@@ -272,6 +330,9 @@ def main() -> int:
     if args.calibrate_on not in shapes:
         parser.error(f"--calibrate-on {args.calibrate_on!r} is not among --shapes")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.reprobe:
+        args.report_only = True
+        print(f"wrote {reprobe(args.out, args.reprobe, args.max_foreign)}", file=sys.stderr)
     files = {}
     for shape in shapes:
         file = args.out / f"bench_{shape}.json"

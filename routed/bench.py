@@ -11,7 +11,8 @@ and steps (a random checkpoint's router is far from uniform; `routed plan --cali
 The JSON is the input of `routed plan --calibrate`; its `engine` says which engine ran: routed's version and
 git commit (when run from a checkout; `+dirty` with uncommitted changes), and whether the compiled one-row
 GEMV (`gemv`) and the compiled one-token decode (`compiled_decode`: decode at batch 1 ran compiled blocks)
-were in use — the planner models those steps differently.
+were in use, and the model's attention impl (`attention`: "auto", the engine's per-sequence choice of the naive
+or absorbed form) — the planner models those steps differently.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def engine_info(model: torch.nn.Module) -> dict[str, Any]:
     from routed.model import gemv
 
     return {"version": routed.__version__, "commit": _commit(), "gemv": gemv._state["kernel"] is not None,
-            "compiled_decode": getattr(model, "_one_token_block", None) is not None}
+            "compiled_decode": getattr(model, "_one_token_block", None) is not None,
+            "attention": getattr(model, "attn_impl", None)}
 
 
 def _commit() -> str | None:

@@ -18,7 +18,7 @@ import pytest
 
 from routed.config import ModelConfig
 from routed.errors import RoutedError
-from routed.planner.calibrate import Bench, bench_from_dict, calibrate, load_bench, run_work
+from routed.planner.calibrate import Bench, bench_from_dict, calibrate, load_bench, recorded_hardware, run_work
 from routed.planner.cli import add_parser
 from routed.planner.hardware import HARDWARE_PRESETS, Hardware, get_hardware, hardware_from_dict, local_hardware
 from routed.planner.memory import (
@@ -36,6 +36,7 @@ from routed.planner.plan import PlanRequest, batch_sweep, make_plan
 from routed.planner.roofline import (
     ENGINE_OPS,
     Efficiency,
+    engine_attention,
     engine_compiles,
     engine_ops,
     expected_distinct_experts,
@@ -48,7 +49,7 @@ SYNTHETIC_HW = Hardware("synthetic", memory_gb=64, memory_bandwidth_gb_s=40.0, b
                         devices_per_node=1, overlap_memory_compute=False)
 # routed's CPU engine with its compiled paths probed (figures of the order this machine's probe reads)
 CPU = Hardware("cpu", 16, 25.0, 0.2, devices_per_node=1, overlap_memory_compute=False, eager=True, score_ns=11.0,
-               logit_ns=1.0, row_gb_s=20.0, block_us=400.0, compiled_score_ns=30.0)
+               logit_ns=1.0, naive_score_ns=5.0, row_gb_s=20.0, block_us=400.0, compiled_score_ns=30.0)
 
 
 # ---- memory ----------------------------------------------------------------------------------------------
@@ -163,9 +164,19 @@ def test_engine_ops_follow_the_measured_counts() -> None:
     cfg = ModelConfig.from_dict(PRESETS["small"])
     w = step_work(cfg, "bf16", Parallelism(), "decode", 4, 80, experts_touched=15.0)
     assert w.ops == 27 + 80 + 7 * 124 + (8 * 28 + 22) * 4 + 14 * 7 * 15
-    w = step_work(cfg, "bf16", Parallelism(), "prefill", 1, 0, new_tokens=256, experts_touched=30, eager=True)
+    w = step_work(cfg, "bf16", Parallelism(), "prefill", 1, 0, new_tokens=256, experts_touched=30, eager=True,
+                  attention="absorb")
     assert w.ops == 27 + 80 + 7 * 124 + (8 * 28 + 22) + 14 * 7 * 30
     assert w.experts_touched == 30
+    # a whole prompt in the naive form (the engine's 'auto'): 15 ops per layer + 22 per query chunk of 128, in place
+    # of the absorbed form's 28. Counted the same way on the engine of eb1cca5, tiny's widths with kv_lora_rank 64
+    # (so that 'auto' picks naive): 3 layers (1 dense), one 256-token prompt, 32 experts run: 998 ops; one 384-token
+    # prompt (3 chunks): 1,064; two 256-token prompts: 1,206. Each within 1%.
+    assert engine_ops(1, 2, 1, 32, chunks=2) == pytest.approx(998, rel=0.01)
+    assert engine_ops(1, 2, 1, 32, chunks=3) == pytest.approx(1064, rel=0.01)
+    assert engine_ops(1, 2, 2, 32, chunks=2) == pytest.approx(1206, rel=0.01)
+    w = step_work(cfg, "bf16", Parallelism(), "prefill", 1, 0, new_tokens=256, experts_touched=30, eager=True)
+    assert w.ops == 27 + 80 + 7 * 124 + ((15 + 22 * 2) * 8 + 22) + 14 * 7 * 30
 
 
 def test_eager_steps_count_activations_scores_logits_and_per_sequence_kv_b() -> None:
@@ -180,16 +191,53 @@ def test_eager_steps_count_activations_scores_logits_and_per_sequence_kv_b() -> 
     assert eager.weight_bytes - fused.weight_bytes == 3 * 8 * kv_b  # read again by sequences 2-4, every layer
     # the absorbed path scores every key and masks afterwards; its einsums' time goes by score, not by FLOP
     causal = step_work(cfg, "bf16", Parallelism(), "prefill", 1, 0, new_tokens=256, attention="absorb")
-    full = step_work(cfg, "bf16", Parallelism(), "prefill", 1, 0, new_tokens=256, eager=True)
+    full = step_work(cfg, "bf16", Parallelism(), "prefill", 1, 0, new_tokens=256, eager=True, attention="absorb")
     assert causal.attention_flops > 0 and full.attention_flops == 0 and eager.attention_flops == 0
     assert full.linear_flops == causal.linear_flops
-    assert full.score_elements == 8 * 16 * 256 * 256
+    assert full.score_elements == 8 * 16 * 256 * 256 and full.naive_score_elements == 0
+    # the engine's default ('auto'): a whole prompt expands its keys once (FLOPs) and attends in causal chunks of
+    # 128 queries, each over the keys up to its last query (scores at the naive form's own cost)
+    naive = step_work(cfg, "bf16", Parallelism(), "prefill", 1, 0, new_tokens=256, eager=True)
+    assert naive.score_elements == 0 and naive.naive_score_elements == 8 * 16 * (128 * 128 + 128 * 256)
+    assert naive.attention_flops == 8 * 2 * 256 * 256 * 16 * (64 + 64)
+    assert naive.activation_bytes == 256 * (187 * 8 * 1024 + 34 * 7 * 6 * 1024) + 8 * 16 * 256 * (4 * 96 + 4 * 160)
+    assert naive.linear_flops == full.linear_flops and naive.weight_bytes == full.weight_bytes
     hw = Hardware("cpu", 16, 20.0, 0.2, devices_per_node=1, overlap_memory_compute=False, eager=True,
                   score_ns=5.0, logit_ns=1.0)
     t = step_time(eager, hw, Efficiency(op_s=1e-5))
     expected = eager.activation_bytes / 20e9 + eager.score_elements * 5e-9 + eager.logit_elements * 1e-9
     assert t.eager_s == pytest.approx(expected)
     assert t.step_s == pytest.approx(t.memory_s + t.compute_s + t.overhead_s + t.eager_s)
+    with pytest.raises(RoutedError, match="naive_score_ns"):  # a probe from before the naive form was probed
+        step_time(naive, hw, Efficiency())
+    t = step_time(naive, replace(hw, naive_score_ns=4.0), Efficiency(op_s=1e-5))
+    assert t.eager_s == pytest.approx(naive.activation_bytes / 20e9 + naive.naive_score_elements * 4e-9
+                                      + naive.logit_elements * 1e-9)
+    assert t.compute_s == pytest.approx((naive.linear_flops + naive.attention_flops) / (0.2e12 * 0.65))
+
+
+def test_eager_attention_form_follows_the_engines_rule() -> None:
+    """routed.model.attention.use_naive per sequence: a whole prompt naive where 2L > N + V, decode absorbed, a
+    short chunk over a long cached context absorbed; `tiny` (2L = N + V) stays absorbed."""
+    from routed.model.attention import QUERY_CHUNK
+
+    small, tiny = (ModelConfig.from_dict(PRESETS[name]) for name in ("small", "tiny"))
+    assert QUERY_CHUNK == 128
+    assert engine_attention(small, "auto", 256, 256) == "naive" and engine_attention(small, "auto", 1, 80) == "absorb"
+    assert engine_attention(small, "auto", 16, 4096) == "absorb" and engine_attention(small, "auto", 512, 4096) == "naive"
+    assert engine_attention(tiny, "auto", 256, 256) == "absorb"  # kv_lora_rank 32: 2L = N + V = 64, a tie
+    assert engine_attention(tiny, "naive", 1, 80) == "naive" and engine_attention(small, "absorb", 256, 256) == "absorb"
+    w = step_work(tiny, "bf16", Parallelism(), "prefill", 1, 0, new_tokens=256, eager=True)
+    assert w.naive_score_elements == 0 and w.score_elements == 3 * 4 * 256 * 256
+    # a prompt of 300 after 100 cached tokens: chunks of 128, 128, 44 queries see 228, 356, 400 keys
+    w = step_work(small, "bf16", Parallelism(), "prefill", 2, 0, new_tokens=300, cached=100, eager=True)
+    assert w.naive_score_elements == 8 * 2 * 16 * (128 * 228 + 128 * 356 + 44 * 400)
+    assert w.attention_flops == 8 * 2 * 2 * 400 * 256 * 16 * 128  # 400 keys expanded per sequence
+    assert w.ops == engine_ops(1, 7, 2, 7 * w.experts_touched, chunks=3)
+    d = step_work(small, "bf16", Parallelism(), "decode", 4, 80, eager=True)
+    assert d.naive_score_elements == 0 and d.score_elements == 8 * 4 * 16 * 81
+    with pytest.raises(RoutedError, match="not 'mha2'"):
+        step_work(small, "bf16", Parallelism(), "prefill", 1, 0, new_tokens=8, eager=True, attention="mha2")
 
 
 def test_engine_compiles_follows_the_loaders_rule() -> None:
@@ -371,11 +419,11 @@ SHAPES = ("tiny", "demo", "medium", "small")
 
 
 def _measured(folder: Path = MEASURED) -> tuple[dict[str, Bench], list[Bench], Hardware]:
-    """The latest bench of every shape, every session of `medium` (the calibrated checkpoint), its latest probe."""
+    """The latest bench of every shape, every session of `medium` (the calibrated checkpoint), its latest probe
+    (with the fields a later probe version added from the folder's probe supplement, if any: recorded_hardware)."""
     benches = {shape: load_bench(folder / f"bench_{shape}.json") for shape in SHAPES}
     medium = [load_bench(f) for f in sorted(folder.glob("bench_medium.session*.json"))] + [benches["medium"]]
-    probe = json.loads((folder / "bench_medium.json").read_text())["local_hardware"]
-    return benches, medium, hardware_from_dict(probe, "bench_medium.json")
+    return benches, medium, recorded_hardware(folder / "bench_medium.json")[0]
 
 
 def test_calibrated_on_medium_the_planner_predicts_tiny_demo_and_small_within_25_percent() -> None:
@@ -388,6 +436,7 @@ def test_calibrated_on_medium_the_planner_predicts_tiny_demo_and_small_within_25
     assert len(medium) == 2 and {b.name for b in medium} == {"medium"}
     for bench in [*benches.values(), *medium]:  # measured before the compiled GEMV and decode: modelled eager
         assert bench.engine == "720ff02" and not bench.gemv and not bench.compiled_decode, bench.name
+        assert bench.attention == "absorb", bench.name  # and before 93f469e's per-sequence attention form
     assert hw.eager and hw.score_ns and hw.logit_ns  # the probe recorded with the fitted shape's runs
     fit = calibrate(medium, hw)
     eff = fit.efficiency

@@ -3,14 +3,15 @@
 Bench file schema (one JSON object; extra fields are ignored):
 
     {"model": {"config": <config.json dict>}, "dtype": "bf16", "threads": 2,
-     "engine": {"commit": "1885bd0", "gemv": true, "compiled_decode": true},   # optional (see below)
+     "engine": {"commit": "1885bd0", "gemv": true, "compiled_decode": true,    # optional (see below)
+                "attention": "auto"},
      "runs": [{"kind": "decode", "batch": 1, "context": 64, "tokens_per_second": 20.5},
               {"kind": "prefill", "batch": 1, "prompt_len": 512, "tokens_per_second": 300.0}, ...]}
 
 A decode run's rate counts generated tokens over decode time at `batch` sequences attending `context` cached
 tokens; a prefill run's counts prompt tokens over the prefill step of `batch` prompts of `prompt_len`.
-The runs are routed's own: one device, absorbed attention in prefill and decode, bf16 weights or the
-format named by `quant` (int8/int4/fp8 as memory.py sizes them); benches with offloaded experts
+The runs are routed's own: one device, attention in the form the engine ran (`engine.attention`, below),
+bf16 weights or the format named by `quant` (int8/int4/fp8 as memory.py sizes them); benches with offloaded experts
 (`max_ram_gb`) are refused. A run may
 carry `experts_touched` (distinct experts per MoE layer per step, measured); the planner then reads that
 many experts instead of the uniform-routing expectation — random checkpoints route far from uniformly.
@@ -18,7 +19,12 @@ many experts instead of the uniform-routing expectation — random checkpoints r
 (routed.model.gemv's one-row products) and `compiled_decode` (`Transformer.compile_decode`: decode at batch 1
 is a compiled one-token step). A file without it is modelled as the eager engine without either, which is
 what routed was before commit ed9e2d6 (the files of that time, under
-benchmarks/results/plan_calibration/eager-720ff02/, record it so).
+benchmarks/results/plan_calibration/eager-720ff02/, record it so). `attention` is the model's attention impl
+(routed bench records it): "auto" — since 93f469e the engine's default: a whole prompt in the naive form
+(keys expanded once, queries in causal chunks), decode absorbed, per routed.model.attention.use_naive —
+or "absorb", what every engine before 93f469e ran. Absent, it is "auto" when the file records an `engine`
+(routed bench has recorded one since 70b0088, after 93f469e) and "absorb" when it does not; the files of
+720ff02 carry "absorb" (recorded afterwards, as their other engine fields).
 
 What is fitted, by least squares on log(predicted / measured) over every run of every file given:
 η_mem (memory bandwidth efficiency; decode runs pin it), η_compute (compute efficiency; long prefills pin
@@ -53,7 +59,7 @@ from routed.config import ModelConfig
 from routed.errors import RoutedError
 from routed.planner.hardware import Hardware
 from routed.planner.memory import WEIGHT_FORMATS, Parallelism
-from routed.planner.roofline import COMPILED_FORMATS, Efficiency, StepWork, step_time, step_work
+from routed.planner.roofline import COMPILED_FORMATS, ENGINE_ATTENTION, Efficiency, StepWork, step_time, step_work
 
 OVERHEAD_GAIN = 0.9  # keep the overhead term only if it brings the RMS log error below 90% of the fit without
 OVERHEAD_NEEDED = 0.01  # ... and only if the fit without it is off by more than 1% RMS
@@ -85,6 +91,7 @@ class Bench:
     gemv: bool = False  # the engine's compiled one-row products were on (`engine.gemv`)
     compiled_decode: bool = False  # decode at batch 1 ran compiled (`engine.compiled_decode`)
     engine: str | None = None  # the engine's commit, when recorded
+    attention: str = "absorb"  # the model's attention impl (`engine.attention`): auto, absorb or naive
 
 
 @dataclass(slots=True, frozen=True)
@@ -155,17 +162,55 @@ def bench_from_dict(raw: Any, source: str = "<bench>") -> Bench:
     if flags["compiled_decode"] and fmt not in COMPILED_FORMATS:
         raise RoutedError(f"{source}: measured with routed's compiled one-token decode in {fmt}, which the planner "
                           f"does not model (only {', '.join(COMPILED_FORMATS)}); calibrate on bf16 benches")
+    attention = engine.get("attention") or ("auto" if engine else "absorb")  # module docstring
+    if attention not in ENGINE_ATTENTION:
+        raise RoutedError(f"{source}: engine.attention {attention!r}; routed's impls are {', '.join(ENGINE_ATTENTION)}")
     commit = engine.get("commit")
     name = raw["model"].get("preset") or Path(source).stem
     return Bench(str(name), cfg, fmt, raw.get("threads"), tuple(runs), flags["gemv"], flags["compiled_decode"],
-                 None if commit is None else str(commit))
+                 None if commit is None else str(commit), attention)
+
+
+PROBE_SUPPLEMENT = "probe_supplement.json"  # beside bench files whose recorded probe predates a probe field
+
+
+def recorded_hardware(bench_file: str | Path) -> tuple[Hardware, str]:
+    """The `local` probe a bench file of benchmarks/plan_calibration.py recorded (`local_hardware`, measured just
+    before that shape's benches); -> (hardware, a note on where its figures come from).
+
+    A probe field added after the file was measured (naive_score_ns, probe version 4) is absent there; it is then
+    taken from PROBE_SUPPLEMENT in the same folder — the probe re-run afterwards on the same machine and engine
+    code, written by `plan_calibration.py --reprobe`, whose `fill` holds the figures to add — and the note says so.
+    Only missing fields are filled: what the file recorded is kept."""
+    from routed.planner.hardware import hardware_from_dict
+
+    bench_file = Path(bench_file)
+    raw = json.loads(bench_file.read_text())
+    recorded = raw.get("local_hardware")
+    if not isinstance(recorded, dict):
+        raise RoutedError(f"{bench_file}: no recorded `local_hardware` probe")
+    hw = hardware_from_dict(recorded, str(bench_file))
+    supplement = bench_file.parent / PROBE_SUPPLEMENT
+    missing = [k for k in ("naive_score_ns",) if recorded.get(k) is None]
+    if not missing or not supplement.is_file():
+        return hw, f"probe recorded with {bench_file.name}"
+    extra = json.loads(supplement.read_text())
+    fill = {k: extra["fill"][k] for k in missing if extra.get("fill", {}).get(k) is not None}
+    if not fill:
+        return hw, f"probe recorded with {bench_file.name}"
+    sources = {**hw.sources, **{k: f"{PROBE_SUPPLEMENT}: {extra.get('note', 're-probed afterwards')}" for k in fill}}
+    hw = replace(hw, **fill, sources=sources)
+    figures = ", ".join(f"{k} {v:g}" for k, v in fill.items())
+    return hw, (f"probe recorded with {bench_file.name}, + {figures} from {PROBE_SUPPLEMENT} (re-probed "
+                f"{extra.get('measured', 'afterwards')}, engine {extra.get('engine', '?')})")
 
 
 def run_work(cfg: ModelConfig, run: BenchRun, fmt: str = "bf16", gemv: bool = False,
-             compiled_decode: bool = False) -> StepWork:
-    """What routed does for one bench run: one device, its eager engine (absorbed attention), weights in `fmt`;
-    with the compiled paths the bench recorded (decode at batch 1 compiled, one-row products at the row rate)."""
-    engine = {"eager": True, "gemv": gemv, "compile_decode": compiled_decode}
+             compiled_decode: bool = False, attention: str = "auto") -> StepWork:
+    """What routed does for one bench run: one device, its eager engine (attention impl `attention`), weights in
+    `fmt`; with the compiled paths the bench recorded (decode at batch 1 compiled, one-row products at the row
+    rate)."""
+    engine = {"eager": True, "gemv": gemv, "compile_decode": compiled_decode, "attention": attention}
     if run.kind == "decode":
         return step_work(cfg, fmt, Parallelism(), "decode", run.batch, run.context,
                          experts_touched=run.experts_touched, **engine)
@@ -174,7 +219,7 @@ def run_work(cfg: ModelConfig, run: BenchRun, fmt: str = "bf16", gemv: bool = Fa
 
 
 def bench_work(bench: Bench, run: BenchRun) -> StepWork:
-    return run_work(bench.config, run, bench.fmt, bench.gemv, bench.compiled_decode)
+    return run_work(bench.config, run, bench.fmt, bench.gemv, bench.compiled_decode, bench.attention)
 
 
 def predict(benches: Sequence[Bench], hw: Hardware, eff: Efficiency) -> list[PredictionRow]:

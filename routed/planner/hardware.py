@@ -12,17 +12,22 @@ JSON file holding one object with these fields (units per device; bandwidths one
      "price_source": "...", "sources": {"compute": "...", ...},   # optional: where the figures come from
      "overlap_memory_compute": true,  # optional, default true: step terms combine as max (GPU), else add (CPU)
      "eager": false, "score_ns": null, "logit_ns": null,  # optional: routed's eager CPU engine runs here
+     "naive_score_ns": null,          # optional: ... and its naive-form (prefill) attention's cost per score
      "row_gb_s": null, "block_us": null, "compiled_score_ns": null}  # optional: its compiled one-token decode
 
 `local` (combining memory and compute time by addition, and running routed's eager engine, see roofline.py) is
 measured on first use, at torch's current thread count (or the thread count of the bench files being
 calibrated on), in this order:
 
-1. two probes of routed's own eager code, first, while the allocator is fresh (after the large copy below has
+1. three probes of routed's own eager code, first, while the allocator is fresh (after the large copy below has
    been freed, glibc serves the attention's fp32 score tensors from memory it already holds and the probe read
    ~6.5 ns per score where the engine spends ~11.5): its absorbed attention over a causal prefix of 128-384
-   tokens (ns per score element) and the fp32 cast and argmax over 16 rows of a 129,280-entry vocabulary
-   (ns per logit);
+   tokens (ns per score element); then its naive form as a prefill runs it (keys expanded beforehand, queries in
+   causal chunks, routed.model.attention.attend_expanded) at the same widths and lengths (ns per score element
+   of the chunks; after the absorbed probe, as in the engine, whose earlier and larger tensors have raised
+   glibc's mmap threshold: run first in a fresh process it read 8-10 ns per score where `routed bench`'s own
+   prefills spend 4.7-5.6, measured inside them; after the absorbed probe 4.8-4.9); and the fp32 cast and
+   argmax over 16 rows of a 129,280-entry vocabulary (ns per logit);
 2. a memory-bandwidth probe (copy of a 256 MiB tensor: bytes read + written over the time) and a bf16 matmul
    probe (2048³);
 3. in a child process (so that its compiled graphs stay out of the caller's), routed's compiled decode path
@@ -78,6 +83,7 @@ class Hardware:
     overlap_memory_compute: bool = True
     eager: bool = False  # plans run routed's eager engine (roofline.py: op overhead, activations, scores, logits)
     score_ns: float | None = None  # eager: ns per attention score (both einsums over the keys, masked softmax)
+    naive_score_ns: float | None = None  # eager: ns per score of the naive form's causal query chunks (prefill)
     logit_ns: float | None = None  # eager: ns per logit element (fp32 cast and argmax)
     row_gb_s: float | None = None  # compiled one-row products (routed.model.gemv): weight GB/s; None: no compiler
     block_us: float | None = None  # compiled one-token step: µs per decoder block call beyond its weight reads
@@ -88,6 +94,8 @@ class Hardware:
         links = f", NVLink {self.nvlink_gb_s:g} GB/s, network {self.network_gb_s:g} GB/s" if self.nvlink_gb_s else ""
         eager = (f", {self.score_ns:.3g} ns/score, {self.logit_ns:.3g} ns/logit"
                  if self.score_ns is not None and self.logit_ns is not None else "")
+        if self.naive_score_ns is not None:
+            eager += f", naive form {self.naive_score_ns:.3g} ns/score"
         if self.compiles:
             eager += (f", compiled decode: one-row reads {self.row_gb_s:g} GB/s, {self.block_us:.3g} µs/block, "
                       f"{self.compiled_score_ns:.3g} ns/score")
@@ -146,7 +154,8 @@ HARDWARE_PRESETS: dict[str, Hardware] = {
 COMPILED_FIELDS = ("row_gb_s", "block_us", "compiled_score_ns")  # routed's compiled decode (roofline.py)
 _REQUIRED = ("memory_gb", "memory_bandwidth_gb_s", "bf16_tflops")
 _OPTIONAL = ("fp8_tflops", "nvlink_gb_s", "network_gb_s", "devices_per_node", "price_per_hour", "price_source",
-             "sources", "name", "overlap_memory_compute", "eager", "score_ns", "logit_ns", *COMPILED_FIELDS)
+             "sources", "name", "overlap_memory_compute", "eager", "score_ns", "logit_ns", "naive_score_ns",
+             *COMPILED_FIELDS)
 
 
 def get_hardware(spec: str) -> Hardware:
@@ -183,7 +192,7 @@ def hardware_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Hardware:
     if unknown:
         raise RoutedError(f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(_REQUIRED + _OPTIONAL)}")
     for k in _REQUIRED + ("fp8_tflops", "nvlink_gb_s", "network_gb_s", "devices_per_node", "price_per_hour",
-                          "score_ns", "logit_ns", *COMPILED_FIELDS):
+                          "score_ns", "logit_ns", "naive_score_ns", *COMPILED_FIELDS):
         v = raw.get(k)
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
             raise RoutedError(f"{source}: field {k} is {v!r}; expected a non-negative number")
@@ -202,12 +211,14 @@ def hardware_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Hardware:
         eager=bool(raw.get("eager", False)),
         score_ns=float(raw["score_ns"]) if raw.get("score_ns") is not None else None,
         logit_ns=float(raw["logit_ns"]) if raw.get("logit_ns") is not None else None,
+        naive_score_ns=float(raw["naive_score_ns"]) if raw.get("naive_score_ns") is not None else None,
         **{k: float(raw[k]) if raw.get(k) is not None else None for k in COMPILED_FIELDS},
     )
 
 
 # ---- this machine --------------------------------------------------------------------------------------
-PROBE_VERSION = 3  # 2: + score_ns, logit_ns (routed's eager engine); 3: eager probes first, + compiled decode
+PROBE_VERSION = 4  # 2: + score_ns, logit_ns (routed's eager engine); 3: eager probes first, + compiled decode;
+# 4: + naive_score_ns (the naive-form prefill attention, after the absorbed probe)
 def cache_path() -> Path:
     return Path.home() / ".cache" / "routed" / "local_hardware.json"
 
@@ -277,7 +288,7 @@ def probe_local(copy_mib: int = 256, matmul_n: int = 2048, repeats: int = 5, com
     import torch
 
     median_seconds = _median_seconds(repeats)
-    score_ns, logit_ns = probe_eager(median_seconds)  # first: the allocator is still fresh (module docstring)
+    score_ns, naive_score_ns, logit_ns = probe_eager(median_seconds)  # first: a fresh allocator (module docstring)
     src = torch.empty(copy_mib * 2**20 // 4, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
     copy_s = median_seconds(lambda: dst.copy_(src))
@@ -292,6 +303,9 @@ def probe_local(copy_mib: int = 256, matmul_n: int = 2048, repeats: int = 5, com
     threads = torch.get_num_threads()
     sources = {"score_ns": f"measured first (fresh allocator): routed's absorbed attention, 8 heads over "
                            f"128/256/384 causal tokens, median of {repeats} each, median of the three",
+               "naive_score_ns": f"measured second: routed's naive form (attend_expanded over causal chunks of "
+                                 f"{_query_chunk()} queries, keys expanded beforehand), 8 heads over 128/256/384 "
+                                 f"tokens, median of {repeats} each, median of the three",
                "logit_ns": f"measured: fp32 cast and argmax of 16 x 129,280 logits, median of {repeats}",
                "memory_bandwidth_gb_s": f"measured: torch copy of {copy_mib} MiB, median of {repeats}",
                "bf16_tflops": f"measured: bf16 matmul {matmul_n}x{matmul_n}x{matmul_n}, median of {repeats}",
@@ -313,7 +327,7 @@ def probe_local(copy_mib: int = 256, matmul_n: int = 2048, repeats: int = 5, com
         name=f"local ({_cpu_name()}, {threads} threads)", memory_gb=round(memory, 2),
         memory_bandwidth_gb_s=round(bandwidth, 2), bf16_tflops=round(tflops, 4), devices_per_node=1,
         overlap_memory_compute=False,  # CPU GEMMs at decode sizes take load time plus math time
-        eager=True, score_ns=round(score_ns, 3), logit_ns=round(logit_ns, 3),
+        eager=True, score_ns=round(score_ns, 3), logit_ns=round(logit_ns, 3), naive_score_ns=round(naive_score_ns, 3),
         **{k: (round(v, 3) if v is not None else None) for k, v in fast.items()},
         sources=sources,
     )
@@ -431,20 +445,34 @@ def _probe_compiled_here(threads: int, repeats: int, row_mib: int, layers: int =
                       "compiled_score_ns": score_s * 1e9}))
 
 
-def probe_eager(median_seconds: Any, heads: int = 8, rows: int = 16, vocab: int = 129280) -> tuple[float, float]:
-    """(ns per attention-score element, ns per logit element) of routed's own eager code on this machine.
+def _query_chunk() -> int:
+    from routed.model.attention import QUERY_CHUNK
 
-    Scores: routed's absorbed attention (routed.model.attention.absorbed_attention: the scores einsum, fp32
-    cast and scale, mask, softmax, cast back and the einsum over the latent values) of one sequence over its
+    return QUERY_CHUNK
+
+
+def probe_eager(median_seconds: Any, heads: int = 8, rows: int = 16, vocab: int = 129280
+                ) -> tuple[float, float, float]:
+    """(ns per absorbed attention score, ns per naive-form score, ns per logit element) of routed's own eager code.
+
+    Absorbed scores: routed's absorbed attention (routed.model.attention.absorbed_attention: the scores einsum,
+    fp32 cast and scale, mask, softmax, cast back and the einsum over the latent values) of one sequence over its
     own causal prefix, `heads` heads of a mid-sized shape (nope/rope/value 64/32/64, latent 128), at 128, 256
     and 384 tokens: the median of the three per-element times. Per score element it is nearly the same from
     tiny's shape to small's (7-16 ns, the spread of repeated measurements), because these batched matmuls over
-    heads are far too narrow to reach the GEMM rate. Logits: fp32 cast and argmax of `rows` rows."""
+    heads are far too narrow to reach the GEMM rate.
+    Naive-form scores, second (module docstring): the same sequences as a prefill attends them in the naive form
+    (routed.model.attention.paged_attention): keys and values expanded beforehand (expand_keys: a GEMM, which the
+    planner counts as FLOPs), then attend_expanded per chunk of QUERY_CHUNK queries over the keys up to the
+    chunk's last one, the output written into the step's buffer; per score element of the chunks (query x
+    visible key x head), the median of the three lengths. On one thread here 4-7 ns in isolation from the demo
+    model's widths to small's; inside `routed bench`'s 256-token prefills 5.3-5.6 (demo) and 4.7-5.4 (medium).
+    Logits: fp32 cast and argmax of `rows` rows."""
     import torch
 
-    from routed.model.attention import absorbed_attention
+    from routed.model.attention import QUERY_CHUNK, absorbed_attention, attend_expanded, expand_keys
 
-    per_score = []
+    per_score, per_naive = [], []
     bf16 = torch.bfloat16
     for tokens in (128, 256, 384):
         q_nope = torch.randn(1, tokens, heads, 64).to(bf16)
@@ -454,6 +482,23 @@ def probe_eager(median_seconds: Any, heads: int = 8, rows: int = 16, vocab: int 
         mask = (torch.arange(tokens).unsqueeze(0) <= torch.arange(tokens).unsqueeze(1)).unsqueeze(0)
         seconds = median_seconds(lambda: absorbed_attention(q_nope, q_pe, latent, mask, kv_b, 0.1))
         per_score.append(seconds / (heads * tokens * tokens) * 1e9)
+    for tokens in (128, 256, 384):  # after the absorbed probe: see the module docstring
+        q_nope = torch.randn(1, tokens, heads, 64).to(bf16)
+        q_pe = torch.randn(1, tokens, heads, 32).to(bf16)
+        latent = torch.randn(1, tokens, 128 + 32).to(bf16)
+        kv_b = torch.randn(heads, 64 + 64, 128).to(bf16)
+        mask_TS = torch.arange(tokens).unsqueeze(0) <= torch.arange(tokens).unsqueeze(1)
+        k_BHSD, v_BHSV = expand_keys(latent, kv_b, 64)
+        out = q_nope.new_empty(1, tokens, heads, 64)
+        chunks = [(a, min(a + QUERY_CHUNK, tokens)) for a in range(0, tokens, QUERY_CHUNK)]
+
+        def naive() -> None:
+            for a, b in chunks:
+                out[:, a:b] = attend_expanded(q_nope[:, a:b], q_pe[:, a:b], k_BHSD[:, :, :b], v_BHSV[:, :, :b],
+                                              mask_TS[None, a:b, :b], 0.1)
+
+        seconds = median_seconds(naive)
+        per_naive.append(seconds / (heads * sum((b - a) * b for a, b in chunks)) * 1e9)
     logits = torch.randn(rows, vocab).to(bf16)
     logit_s = median_seconds(lambda: [int(row.argmax()) for row in logits.float()])  # the runner, then sample_one
-    return statistics.median(per_score), logit_s / logits.numel() * 1e9
+    return statistics.median(per_score), statistics.median(per_naive), logit_s / logits.numel() * 1e9

@@ -8,7 +8,8 @@ What one step is
 * decode: every one of `batch` sequences (per attention data-parallel rank, i.e. per TP group) adds one
   token; attention reads each sequence's whole latent cache (`context` tokens) in the absorbed form.
 * prefill: `batch` prompts of `new_tokens` tokens each (after `cached` prefix tokens already in the cache);
-  attention in MHA form (DeepSeek's prefill kernels) or absorbed (routed's CPU path), causal.
+  attention in MHA form (DeepSeek's prefill kernels) or absorbed, causal; routed's CPU engine: the form its
+  attention impl picks per sequence (below).
 
 Bytes: every weight a device holds is read once per step, except routed experts: of the ceil(E/ep) a device
 holds, each is read iff some token of the step chose it. With N tokens reaching the EP group, each choosing
@@ -43,22 +44,39 @@ routed's own CPU engine (`eager=True`: the calibration runs, and plans on hardwa
   them dense, decode at 1-16 sequences and prefills of 64-200 tokens, and of the tiny, demo, medium and
   small shapes: 27 per step + 80 per dense layer + 124 per MoE layer + 28 per layer per sequence (the
   per-sequence attention loop) + 22 per sequence (slots, sampling) + 14 per routed expert run, within
-  ±0.4% of every count.
+  ±0.4% of every count. Re-counted on the engine of eb1cca5 (tiny's widths, 2-5 layers, 0-3 dense, decode at
+  1-16 sequences: +0.2% to +0.8%, and +2.3-2.7% at one sequence). A sequence in the naive form (below)
+  runs 15 + 22 per query chunk ops per layer in place of the 28 (counted the same way: tiny's widths with
+  kv_lora_rank 64, so that the engine picks naive, 2-5 layers, 0-3 dense, 1-3 prompts of 64-500 tokens, 1-4
+  chunks: −0.4% to +1.2% of every count; the `medium` shape's 64- and 256-token prefills: +0.8% and +0.4%). (The first split of a prompt into chunks adds 2 ops more than the next ones: the
+  one-chunk case slices nothing.)
 * Activation traffic: every op reads and writes its inputs and outputs (nothing is fused). Counted the same
   way (2 × the bytes of each non-view, non-GEMM op's output): 187 B per token per layer per hidden unit,
   + 34 B per token per MoE layer per hidden unit per chosen expert (the gather, weighting and index_add of the
   routed experts), + 13 B per token per layer per head per latent unit (the absorbed query); within 13% of
   the counted bytes for prefills and for decode at 4 or more sequences (at one sequence, where they are a few
-  MB, up to 41% under); charged at the probed copy bandwidth.
+  MB, up to 41% under); charged at the probed copy bandwidth. A sequence in the naive form has no absorbed
+  query; instead, per layer per head, 4 B per expanded key per (N + R) (the keys' concatenation) and 4 B per
+  query per (N + R + V) (the queries' concatenation and the chunk's output written into the step's buffer):
+  within 3% of the bytes counted by the same rule for medium's widths at 256 tokens, 30% off for the demo's
+  and for 64 tokens — a term worth under 1% of a prefill step.
 * Attention over the keys: the absorbed path computes every (query, key) score per head, masks afterwards,
   and runs two einsums (scores, then values) batched over heads that are far too narrow to reach the GEMM
   rate. Its time goes by score elements, not FLOPs: t_score per element for the whole of it (einsums, fp32
   cast, scale, mask, softmax, cast back), probed on routed's own absorbed_attention (`Hardware.score_ns`;
   7-16 ns on one thread here whatever the head and latent sizes, so a 256-token prefill of `small`, 8.4M
   scores, spends ~90 ms in it), and the attention FLOPs of an eager step are 0 (they are inside t_score).
-  Not yet followed: since 93f469e the engine's default attention form ('auto') expands a whole prompt's keys
-  and attends in causal query chunks (naive) in prefill; the model still charges prefill as absorbed (every
-  key, at t_score), so it is expected to under-predict prefill on the current engine (docs/cost.md).
+  Which form a sequence takes: since 93f469e the engine's attention impl is 'auto' (before: 'absorb'), and
+  routed.model.attention.paged_attention picks per sequence of T new tokens over S keys with `use_naive` —
+  the planner calls that same function (`engine_attention`) — the naive form where expanding S keys costs
+  fewer multiply-adds than the absorbed form: a whole prompt (S = T) wherever 2L > N + V (the demo model,
+  medium, small, every released config; not `tiny`, where 2L = N + V), never decode. The naive form expands
+  the S keys and values through kv_b_proj once (2·S·L·H·(N+V) FLOPs, a GEMM: attention FLOPs at the bf16 rate
+  × η_compute), then attends in chunks of QUERY_CHUNK (128) queries, each over the S − T + (its last query)
+  keys it can see: Σ_chunks chunk length × visible keys per head (about half of T·S for long prompts) score
+  elements, at t_score,naive per element for the whole chunk (two batched matmuls over heads, fp32 cast,
+  scale, mask, softmax, cast back), probed on routed's own attend_expanded the way the engine calls it
+  (`Hardware.naive_score_ns`, 4-7 ns on one thread here, against 13 for the absorbed form).
 * Logits: the fp32 cast and argmax over the vocabulary of every sampled row: t_logit per element, probed
   (`Hardware.logit_ns`, ~1 ns: 0.13 ms per sequence per step under DeepSeek's 129,280-token vocabulary).
 * And the per-sequence attention loop multiplies `kv_b_proj` (W_UK into the query, W_UV out of the latent)
@@ -122,7 +140,8 @@ from routed.planner.memory import (
     weight_breakdown,
 )
 
-ATTENTION_FORMS = ("mha", "absorb")
+ATTENTION_FORMS = ("mha", "absorb")  # GPU plans; routed's eager engine: ENGINE_ATTENTION
+ENGINE_ATTENTION = ("auto", "absorb", "naive")  # routed.model.attention.ATTN_IMPLS
 
 
 @dataclass(slots=True, frozen=True)
@@ -161,11 +180,12 @@ class StepWork:
     experts_touched: float  # per MoE layer on this device
     ops: float  # engine ops per step (routed's eager count; see engine_ops)
     activation_bytes: float = 0.0  # eager only: bytes the unfused ops read and write
-    score_elements: float = 0.0  # eager only: attention (query, key, head) scores computed
+    score_elements: float = 0.0  # eager only: attention (query, key, head) scores computed in the absorbed form
     logit_elements: float = 0.0  # eager only: vocabulary entries cast and searched for sampling
     row_bytes: float = 0.0  # bytes read by compiled one-row products (routed.model.gemv), at Hardware.row_gb_s
     blocks: float = 0.0  # compiled decoder block calls (a compiled one-token step), at Hardware.block_us each
     compiled: bool = False  # a compiled one-token step: its scores cost Hardware.compiled_score_ns
+    naive_score_elements: float = 0.0  # eager only: (query, key, head) scores of the naive form's causal chunks
 
 
 @dataclass(slots=True)
@@ -197,18 +217,46 @@ def expected_distinct_experts(n_experts: int, k: int, tokens: float) -> float:
     return n_experts * (1.0 - (1.0 - k / n_experts) ** tokens)
 
 
-ENGINE_OPS = {"step": 27, "dense_layer": 80, "moe_layer": 124, "layer_sequence": 28, "sequence": 22, "expert": 14}
+ENGINE_OPS = {"step": 27, "dense_layer": 80, "moe_layer": 124, "layer_sequence": 28, "sequence": 22, "expert": 14,
+              "naive_layer_sequence": 15, "naive_chunk": 22}  # naive form: 15 + 22 per query chunk in place of 28
 # activation bytes per token: per layer per hidden unit, per MoE layer per hidden unit per chosen expert, per layer
 # per head per latent unit (see the module docstring)
-ACTIVATION_BYTES = {"hidden": 187, "expert_hidden": 34, "head_latent": 13}
+# per layer per sequence in the naive form (absorbed: head_latent): per head, per expanded key unit (N + R) and per
+# query unit of the chunks (N + R + V)
+ACTIVATION_BYTES = {"hidden": 187, "expert_hidden": 34, "head_latent": 13, "naive_key": 4, "naive_query": 4}
 
 
-def engine_ops(dense_layers: int, moe_layers: int, sequences: float, experts_run: float) -> float:
-    """PyTorch ops routed dispatches in one step (see the module docstring for where the counts come from)."""
+def engine_ops(dense_layers: int, moe_layers: int, sequences: float, experts_run: float,
+               chunks: int | None = None) -> float:
+    """PyTorch ops routed dispatches in one step (see the module docstring for where the counts come from).
+    chunks: the query chunks of each sequence's naive-form attention (None: the absorbed form)."""
     c = ENGINE_OPS
     layers = dense_layers + moe_layers
+    per_layer = c["layer_sequence"] if chunks is None else c["naive_layer_sequence"] + c["naive_chunk"] * chunks
     return (c["step"] + c["dense_layer"] * dense_layers + c["moe_layer"] * moe_layers
-            + (c["layer_sequence"] * layers + c["sequence"]) * sequences + c["expert"] * experts_run)
+            + (per_layer * layers + c["sequence"]) * sequences + c["expert"] * experts_run)
+
+
+def engine_attention(cfg: ModelConfig, impl: str, queries: int, keys: int) -> str:
+    """The form ('naive' or 'absorb') routed's paged attention runs for one sequence of `queries` new tokens over
+    `keys` keys (its whole context after the step) under the model's attention impl ('auto': the engine's rule,
+    routed.model.attention.use_naive, called on a shape-only tensor; 'absorb'/'naive': forced)."""
+    if impl != "auto":
+        return impl
+    import torch  # only for plans of routed's own engine
+
+    from routed.model.attention import use_naive
+
+    kv_b = torch.empty((cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank),
+                       device="meta")
+    return "naive" if use_naive(queries, keys, kv_b, cfg.qk_nope_head_dim) else "absorb"
+
+
+def query_chunks(queries: int) -> list[tuple[int, int]]:
+    """[a, b) of each query chunk of the naive form (routed.model.attention.QUERY_CHUNK queries each)."""
+    from routed.model.attention import QUERY_CHUNK
+
+    return [(a, min(a + QUERY_CHUNK, queries)) for a in range(0, queries, QUERY_CHUNK)]
 
 
 def engine_compiles(cfg: ModelConfig, fmt: str) -> bool:
@@ -240,15 +288,20 @@ def step_work(
     prefill: `new_tokens` = prompt tokens computed per sequence, `cached` = prefix already cached.
     experts_touched: distinct experts read per MoE layer per step on this device, when measured (a bench of
     a random checkpoint, whose router is far from uniform); default: the uniform-routing expectation.
-    eager: routed's own CPU engine (absorbed attention per sequence, unfused ops): adds the activation
-    bytes, score elements (every key, masked afterwards; their einsums' FLOPs move into t_score) and logit
-    elements, and the per-sequence kv_b reads of the module docstring. Implies attention="absorb".
+    eager: routed's own CPU engine (attention per sequence, unfused ops): adds the activation bytes, score
+    elements and logit elements, and the per-sequence kv_b reads of the module docstring. `attention` is then the
+    engine's attention impl: "auto" (its default, also what "mha" means here: each sequence takes the form
+    routed.model.attention.use_naive picks), "absorb" or "naive" (forced, as engines before 93f469e ran absorb).
+    Absorbed: every key scored, masked afterwards (the einsums' FLOPs move into t_score); naive: the expansion
+    of the keys as attention FLOPs and the causal chunks' scores (their matmuls' FLOPs move into t_score,naive).
     gemv, compile_decode (with eager): the engine's compiled one-row products and compiled one-token decode are
     on (`engine_compiles`); a decode step at one sequence is then a compiled step, and one-row products of
     eager steps are read at the row rate (module docstring).
     """
     if eager:
-        attention = "absorb"
+        attention = "auto" if attention == "mha" else attention
+        if attention not in ENGINE_ATTENTION:
+            raise RoutedError(f"routed's engine runs attention {', '.join(ENGINE_ATTENTION)}, not {attention!r}")
     decode = mode == "decode"
     q = 1 if decode else new_tokens
     T = batch * q  # tokens per attention data-parallel rank (a TP group)
@@ -304,8 +357,11 @@ def step_work(
             attention_flops = layers * (T * 2 * H_local * keys * (N + R + V)
                                         + batch * cached * 2 * L * H_local * (N + V))
     nvlink, network = _comm_bytes(cfg, fmt, par, decode, T, moe_layers, devices_per_node)
-    ops = engine_ops(layers - moe_layers, moe_layers, batch, moe_layers * touched)
-    activation = scores = logits = 0.0
+    keys_seq = context + 1 if decode else cached + q  # keys each sequence attends (its context after the step)
+    form = engine_attention(cfg, attention, q, keys_seq) if eager and not compiled else "absorb"
+    chunks = query_chunks(q) if form == "naive" else []
+    ops = engine_ops(layers - moe_layers, moe_layers, batch, moe_layers * touched, len(chunks) if chunks else None)
+    activation = scores = naive_scores = logits = 0.0
     if compiled:  # module docstring, "compiled one-token steps"
         ops = ENGINE_OPS["step"] + ENGINE_OPS["sequence"]  # outside the compiled blocks
         scores = layers * H_local * (context + 1)
@@ -314,15 +370,23 @@ def step_work(
                         0.0, scores, logits, row_bytes + cache_bytes, float(layers), True)
     if eager:
         a = ACTIVATION_BYTES
-        activation = T * (a["hidden"] * layers * cfg.hidden_size + a["expert_hidden"] * moe_layers * k * cfg.hidden_size
-                          + a["head_latent"] * layers * H_local * L)
-        scores = layers * batch * H_local * q * (context + 1 if decode else cached + q)
+        activation = T * (a["hidden"] * layers * cfg.hidden_size + a["expert_hidden"] * moe_layers * k * cfg.hidden_size)
+        if form == "naive":  # module docstring, "attention over the keys"
+            # each chunk [lo, hi) of queries attends the keys up to its last query: S - q + hi of them
+            naive_scores = layers * batch * H_local * sum((hi - lo) * (keys_seq - q + hi) for lo, hi in chunks)
+            attention_flops = layers * batch * 2 * keys_seq * L * H_local * (N + V)  # expand the keys once
+            activation += layers * batch * H_local * (a["naive_key"] * keys_seq * (N + R)
+                                                      + a["naive_query"] * q * (N + R + V))
+        else:
+            scores = layers * batch * H_local * q * keys_seq
+            attention_flops = 0.0  # the two einsums over the keys are inside t_score (see the module docstring)
+            activation += T * a["head_latent"] * layers * H_local * L
         logits = batch * cfg.vocab_size  # one sampled row per sequence
-        attention_flops = 0.0  # the two einsums over the keys are inside t_score (see the module docstring)
         kv_b = TensorSpec("kv_b_proj", "attention", cfg.num_attention_heads * (N + V), L, linear=True)
         weight_bytes += (batch - 1) * layers * tensor_bytes(kv_b, fmt) / par.tp  # read again for every sequence
     return StepWork(mode, T / par.tp, weight_bytes, cache_bytes, linear_flops, attention_flops, fmt == "fp8",
-                    nvlink, network, touched, ops, activation, scores, logits, row_bytes)
+                    nvlink, network, touched, ops, activation, scores, logits, row_bytes,
+                    naive_score_elements=naive_scores)
 
 
 def _comm_bytes(
@@ -377,7 +441,11 @@ def step_time(work: StepWork, hw: Hardware, eff: Efficiency) -> StepTime:
     compute_side += rows
     overhead = eff.op_s * work.ops + work.blocks * (hw.block_us or 0) * 1e-6
     score_ns = hw.compiled_score_ns if work.compiled else hw.score_ns
+    if work.naive_score_elements and hw.eager and hw.naive_score_ns is None:  # a probe from before version 4
+        raise RoutedError(f"{hw.name} has no probed cost per score of routed's naive-form attention (naive_score_ns), "
+                          "which this step runs; re-probe `local` (delete its cache file)")
     eager = (work.activation_bytes / (hw.memory_bandwidth_gb_s * 1e9) + work.score_elements * (score_ns or 0) * 1e-9
+             + work.naive_score_elements * (hw.naive_score_ns or 0) * 1e-9
              + work.logit_elements * (hw.logit_ns or 0) * 1e-9)
     step = compute_side + comm - eff.overlap * min(compute_side, comm) + overhead + eager
     return StepTime(work, mem_w + mem_a + rows, fl_w + fl_a, comm, overhead, step, eager)
