@@ -255,10 +255,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise RoutedError(f"--batch {args.batch!r}: expected comma-separated integers like 1,8,16") from None
     if not batches or min(batches) < 1:
         raise RoutedError("--batch sizes must be at least 1")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     result = bench(args.model, args.prompt_len, args.gen_len, batches, args.quant, args.dtype, args.repeats,
                    args.price_per_hour, args.compare_transformers, progress=not args.json, max_ram_gb=args.max_ram,
                    **_ep_config(args))
@@ -318,6 +314,12 @@ def _ep_config(args: argparse.Namespace) -> dict[str, Any]:
     return {"ep": ep, "placement": args.placement, "ep_timeout_s": args.ep_timeout}
 
 
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads (default: all cores; on a machine other jobs share, use fewer — a thread "
+                        "that waits for a busy core stalls every step)")
+
+
 def _add_ep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", type=positive_int, default=1, metavar="N",
                    help="expert parallelism: shard the routed experts over N ranks (processes) on this machine; "
@@ -366,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft with the MTP module and verify in the same step (greedy: same output, faster)")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: text, token_ids, prompt/completion tokens, seconds, tokens/s")
+    _add_threads_arg(g)
     _add_ep_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -408,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="machine price for the $/Mtok gauges (default 0.10: a 2-vCPU cloud VM, on-demand)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
+    _add_threads_arg(s)
     _add_ep_args(s)
     s.set_defaults(func=cmd_serve)
 
@@ -464,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--price-per-hour", type=float, default=0.10,
                    help="machine price for $/Mtok (default 0.10: a 2-vCPU cloud VM, on-demand, 2025 list prices)")
     b.add_argument("--compare-transformers", action="store_true", help="also time transformers, same checkpoint")
-    b.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
+    _add_threads_arg(b)
     b.add_argument("--max-ram", type=float, default=None, metavar="GB",
                    help="keep routed experts beyond this budget on disk behind an LRU cache")
     b.add_argument("--json", action="store_true")
@@ -496,6 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         if hasattr(args, "ep") and os.environ.get("RANK", "0") != "0":  # a torchrun rank > 0
             return run_torchrun_worker(args)
         return args.func(args)
