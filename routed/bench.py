@@ -177,7 +177,7 @@ def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: 
     else:
         model = load_model(path, dtype, progress=progress, quant=quant, max_ram_gb=max_ram_gb)
     load_s = time.perf_counter() - start
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    weight_bytes = sum(_own_bytes(m) for m in model.modules())  # packed int4 experts included
     tok = Tokenizer.from_pretrained(path)
     config = EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=max(prompt_len, max(batches)),
                           kv_cache_gb=0.5, enable_prefix_caching=False, routing_telemetry=False)
