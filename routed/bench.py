@@ -32,6 +32,7 @@ from routed.config import EngineConfig
 from routed.engine.engine import LLMEngine
 from routed.errors import RoutedError
 from routed.loader import load_model
+from routed.quant.linear import model_bytes, own_bytes
 from routed.model.deepseek_v3 import Transformer
 from routed.model.experts import RoutedExperts
 from routed.parallel.ep import LoadSpec, launch
@@ -87,17 +88,6 @@ def memory_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
     return best
 
 
-def _own_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's own tensors, packed int4 weights included."""
-    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-    packed = getattr(module, "_packed", None)
-    if isinstance(packed, torch.Tensor):
-        tensors.append(packed)
-    elif isinstance(packed, dict):
-        tensors += list(packed.values())  # RoutedExperts: one stacked tensor per projection
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def bytes_per_decode_step(model: Transformer, batch: int) -> int:
     """Weight bytes one decode step of `batch` tokens reads: all weights but the embedding table (one row per
     token) and the routed experts (the expected fraction touched, 1 − (1 − k/E)^batch)."""
@@ -108,11 +98,11 @@ def bytes_per_decode_step(model: Transformer, batch: int) -> int:
         if name.startswith("mtp"):
             continue
         if isinstance(module, RoutedExperts):
-            total += touched * _own_bytes(module)
+            total += touched * own_bytes(module)
         elif isinstance(module, torch.nn.Embedding):
-            total += batch * _own_bytes(module) / module.num_embeddings
+            total += batch * own_bytes(module) / module.num_embeddings
         else:
-            total += _own_bytes(module)
+            total += own_bytes(module)
     return int(total)
 
 
@@ -177,7 +167,7 @@ def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: 
     else:
         model = load_model(path, dtype, progress=progress, quant=quant, max_ram_gb=max_ram_gb)
     load_s = time.perf_counter() - start
-    weight_bytes = sum(_own_bytes(m) for m in model.modules())  # packed int4 experts included
+    weight_bytes = model_bytes(model)
     tok = Tokenizer.from_pretrained(path)
     config = EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=max(prompt_len, max(batches)),
                           kv_cache_gb=0.5, enable_prefix_caching=False, routing_telemetry=False)

@@ -33,7 +33,7 @@ from routed.model.experts import RoutedExperts
 from routed.progress import progress_bar
 from routed.quant import fp8
 from routed.quant.intq import IntFormat, quantize_int4, quantize_int8
-from routed.quant.linear import finalize_model, quantize_model
+from routed.quant.linear import finalize_model, model_bytes, quantize_model
 
 if TYPE_CHECKING:
     from routed.parallel.ep import EPShard
@@ -227,8 +227,7 @@ def load_model(
             _copy_duplicate_slots(module)
     finalize_model(model)
     model.eval()
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if weight_bytes >= gemv.MIN_MODEL_BYTES:  # worth compiling (~3 s, ~12 s the first time on a machine)
+    if model_bytes(model) >= gemv.MIN_MODEL_BYTES:  # worth compiling (~3 s, ~12 s the first time on a machine)
         if dtype == torch.bfloat16:
             gemv.enable()
         if not (offloaded or shard is not None):

@@ -18,6 +18,22 @@ from routed.quant.intq import (IntFormat, int4_fits, int4_linear, int8_linear, p
 KEEP_FLOAT = ("kv_b_proj",)
 
 
+def own_bytes(module: nn.Module) -> int:
+    """Bytes of a module's own tensors, packed int4 weights (held outside parameters and buffers) included."""
+    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    packed = getattr(module, "_packed", None)
+    if isinstance(packed, torch.Tensor):
+        tensors.append(packed)
+    elif isinstance(packed, dict):
+        tensors += list(packed.values())  # RoutedExperts: one stacked tensor per projection
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every weight a model holds in memory, in whatever format it holds them."""
+    return sum(own_bytes(m) for m in model.modules())
+
+
 class QLinear(nn.Module):
     """y = x Wᵀ with W stored as int8 (per channel) or int4 (group-wise); no bias (DeepSeek has none)."""
 
