@@ -86,11 +86,17 @@ def absorbed_attention(
     L = kv_b_HXL.shape[-1]
     N = q_nope_BTHN.shape[-1]
     w_uk_HNL, w_uv_HVL = kv_b_HXL[:, :N], kv_b_HXL[:, N:]
-    q_lat_BTHL = torch.einsum("bthn,hnl->bthl", q_nope_BTHN, w_uk_HNL)
+    fused = torch.compiler.is_compiling() and q_nope_BTHN.shape[:2] == (1, 1)  # the compiled one-token block
+    if fused:  # the weight products as multiply-sums the compiler fuses (a one-row bf16 bmm is slow on the CPU)
+        q_lat_BTHL = (q_nope_BTHN.float()[..., None] * w_uk_HNL.float()).sum(-2).to(q_nope_BTHN.dtype)
+    else:
+        q_lat_BTHL = torch.einsum("bthn,hnl->bthl", q_nope_BTHN, w_uk_HNL)
     q_BTHC = torch.cat([q_lat_BTHL, q_pe_BTHR], dim=-1)
     scores_BHTS = torch.einsum("bthc,bsc->bhts", q_BTHC, latent_BSC).float() * scale
     probs_BHTS = _masked_softmax(scores_BHTS, mask_BTS).to(latent_BSC.dtype)
     o_lat_BTHL = torch.einsum("bhts,bsl->bthl", probs_BHTS, latent_BSC[..., :L])
+    if fused:
+        return (o_lat_BTHL.float()[..., None, :] * w_uv_HVL.float()).sum(-1).to(o_lat_BTHL.dtype)
     return torch.einsum("bthl,hvl->bthv", o_lat_BTHL, w_uv_HVL)
 
 
