@@ -12,8 +12,10 @@ from conftest import make_checkpoint
 from routed.loader import write_checkpoint
 from routed.quant import intq
 from routed.quant.intq import (IntFormat, dequantize_int4, dequantize_int8, dequantize_packed_int4, int4_linear,
-                               int8_linear, pack_int4, quantize_int4, quantize_int8)
-from routed.quant.linear import QLinear, quantize_model
+                               int8_linear, int8_rows_linear, pack_int4, pack_int8_rows, quantize_int4, quantize_int8)
+from routed.quant.linear import QLinear, finalize_model, quantize_model
+
+FBGEMM = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="no FBGEMM here")
 
 
 @pytest.mark.parametrize("rows", [5, intq.DEQUANT_ROWS_INT8])  # the int8 kernel, and dequantize + GEMM
@@ -25,6 +27,46 @@ def test_int8_kernel_equals_dequantized_matmul(dtype: torch.dtype, rows: int) ->
     ref = x.float() @ dequantize_int8(q, s).T
     out = int8_linear(x, q, s).float()
     assert ((out - ref).abs().max() / ref.abs().max()) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@FBGEMM
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rows_kernel_is_the_dequantized_matmul_to_8_bit_activations_and_batch_invariant(dtype) -> None:
+    w, x = torch.randn(200, 96), torch.randn(6, 96, dtype=dtype)
+    x[2] *= 1000  # rows of very different scales are each quantized on their own
+    x[4, 7] = 50  # an outlier column
+    q, s = quantize_int8(w)
+    packed = pack_int8_rows(q, s)
+    ref = x.float() @ dequantize_int8(q, s).T
+    out = int8_rows_linear(x, packed, 200)
+    assert out.dtype == dtype and out.shape == (6, 200)
+    # 8-bit activations: each row rounded to steps of 2·max|x|/255, so |error| <= max|x|/255 · Σ_k |W[n, k]|
+    bound = x.float().abs().amax(1, keepdim=True) / 255 * dequantize_int8(q, s).abs().sum(1)
+    bound = bound * 1.001 + (ref.abs() / 128 if dtype == torch.bfloat16 else 1e-5)  # + the output's rounding
+    assert ((out.float() - ref).abs() <= bound).all()
+    assert ((out.float() - ref).abs() > 1e-4 * ref.abs().amax()).any()  # and it is quantized, not exact
+    alone = torch.cat([int8_rows_linear(x[i : i + 1], packed, 200) for i in range(6)])
+    assert torch.equal(out, alone)  # a row's result does not depend on the rows beside it
+    assert torch.equal(int8_rows_linear(x[1:4], packed, 200), out[1:4])
+
+
+@FBGEMM
+def test_int8_lm_head_runs_on_packed_rows_and_falls_back_to_weight_only(monkeypatch) -> None:
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(64, 320, bias=False)
+    quantize_model(model, IntFormat(8))
+    q, s = model.lm_head.qweight.clone(), model.lm_head.scales
+    x = torch.randn(3, 64)
+    finalize_model(model)
+    assert model.lm_head._rows is not None and model.lm_head.qweight.numel() == 0
+    assert model.lm_head._rows_bytes == 320 * 66  # counted as weight bytes (the packed copy replaces qweight)
+    assert torch.equal(model.lm_head(x), int8_rows_linear(x, model.lm_head._rows, 320))
+    monkeypatch.setattr("routed.quant.linear.pack_int8_rows", lambda q, s: None)  # no FBGEMM: weight-only
+    fallback = torch.nn.Module()
+    fallback.lm_head = QLinear(64, 320, IntFormat(8))
+    fallback.lm_head.qweight, fallback.lm_head.scales = q, s
+    finalize_model(fallback)
+    assert fallback.lm_head._rows is None and torch.equal(fallback.lm_head(x), int8_linear(x, q, s))
 
 
 @pytest.mark.parametrize("rows", [5, intq.DEQUANT_ROWS_INT4])  # the int4 kernel, and unpack + GEMM

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from routed.quant.intq import (IntFormat, int4_fits, int4_linear, int8_linear, pack_int4, quantize_int4,
-                               quantize_int8)
+from routed.quant.intq import (IntFormat, int4_fits, int4_linear, int8_linear, int8_rows_linear, pack_int4,
+                               pack_int8_rows, quantize_int4, quantize_int8)
 
 KEEP_FLOAT = ("kv_b_proj",)
 
@@ -26,7 +26,7 @@ def own_bytes(module: nn.Module) -> int:
         tensors.append(packed)
     elif isinstance(packed, dict):
         tensors += list(packed.values())  # RoutedExperts: one stacked tensor per projection
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for t in tensors) + getattr(module, "_rows_bytes", 0)
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -48,6 +48,8 @@ class QLinear(nn.Module):
             self.register_buffer("scales_zeros", torch.empty(in_features // fmt.group_size, out_features, 2,
                                                              dtype=torch.bfloat16))
         self._packed: torch.Tensor | None = None
+        self._rows: object | None = None  # int8 lm_head: FBGEMM's packed weight (pack_rows_)
+        self._rows_bytes = 0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: IntFormat) -> QLinear:
@@ -63,7 +65,19 @@ class QLinear(nn.Module):
             self._packed = pack_int4(self.qweight)
             self.qweight = torch.empty(0, dtype=torch.uint8)
 
+    def pack_rows_(self) -> None:
+        """int8: run from now on through `int8_rows_linear` (8-bit activations per row, integer dot products);
+        the packed copy replaces `qweight`. For the lm_head, the one large product outside the compiled decode
+        block (which reads `qweight` itself). Stays on the weight-only kernels where FBGEMM is missing."""
+        if self.fmt.bits != 8 or self._rows is not None:
+            return
+        if (rows := pack_int8_rows(self.qweight, self.scales)) is not None:
+            self._rows, self._rows_bytes = rows, self.qweight.numel() + 2 * self.out_features
+            self.qweight = torch.empty(0, dtype=torch.int8)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._rows is not None:
+            return int8_rows_linear(x, self._rows, self.out_features)
         if self.fmt.bits == 8:
             return int8_linear(x, self.qweight, self.scales)
         return int4_linear(x, self._packed, self.scales_zeros, self.fmt.group_size, self.out_features)
@@ -87,8 +101,11 @@ def quantize_model(model: nn.Module, fmt: IntFormat, from_weights: bool = True) 
 
 
 def finalize_model(model: nn.Module) -> None:
+    """Pack int4 weights for the CPU kernel; an int8 lm_head for 8-bit-activation products (`pack_rows_`)."""
     from routed.model.experts import RoutedExperts
 
     for module in model.modules():
         if isinstance(module, (QLinear, RoutedExperts)):
             module.finalize_()
+    if isinstance(head := getattr(model, "lm_head", None), QLinear):
+        head.pack_rows_()
