@@ -32,6 +32,7 @@ from routed.model import gemv
 from routed.model.experts import RoutedExperts
 from routed.progress import progress_bar
 from routed.quant import fp8
+from routed.malloc import keep_freed_memory
 from routed.quant.intq import IntFormat, quantize_int4, quantize_int8
 from routed.quant.linear import finalize_model, model_bytes, quantize_model
 
@@ -165,6 +166,7 @@ def load_model(
     keeps the routed experts that do not fit on disk, read on demand through an LRU cache (routed.offload).
     `shard` (expert parallelism): load only this rank's routed experts (routed.parallel.ep).
     """
+    keep_freed_memory()  # prefill's large temporaries reused warm, not faulted in afresh (routed.malloc)
     folder = Path(path)
     dtype = resolve_dtype(dtype)
     cfg = ModelConfig.from_pretrained(folder)
