@@ -154,7 +154,7 @@ def paged_attention(
     N = q_nope_BTHN.shape[-1]
     out = q_nope_BTHN.new_empty(*q_nope_BTHN.shape[:3], kv_b_HXL.shape[1] - N)
     for (start, end), key_slots in zip(batch.seq_bounds, batch.key_slots):
-        keys_SC = cache_PC[key_slots]
+        keys_SC = cache_PC.index_select(0, key_slots)
         S, T = keys_SC.shape[0], end - start
         key_pos_S = torch.arange(S, device=keys_SC.device)
         mask_TS = key_pos_S.unsqueeze(0) <= positions_BT[0, start:end].unsqueeze(1)
