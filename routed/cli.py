@@ -50,7 +50,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from routed.config import EngineConfig
 
     llm = LLM(args.model, dtype=args.dtype, engine_config=EngineConfig(
-        speculative=args.speculative, max_ram_gb=args.max_ram, **_ep_config(args)), progress=not args.json)
+        speculative=args.speculative, max_ram_gb=args.max_ram, quant=args.quant, **_ep_config(args)),
+        progress=not args.json)
     load_seconds = time.perf_counter() - t0
     if args.chat:
         prompt_ids = [llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
@@ -138,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
         enable_prefix_caching=not args.no_prefix_caching, routing_window_tokens=args.routing_window,
         record_routing=args.record_routing, speculative=args.speculative, max_ram_gb=args.max_ram,
-        **_ep_config(args),
+        quant=args.quant, **_ep_config(args),
     )
     serve(args.model, args.host, args.port, args.api_key or os.environ.get("ROUTED_API_KEY"), args.dtype,
           engine_config, args.served_model_name, args.max_body_bytes, args.drain_timeout, args.price_per_hour)
@@ -362,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop when TEXT appears (repeatable)")
     g.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weight dtype (default bf16)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    g.add_argument("--quant", choices=["int8", "int4"], default=None,
+                   help="quantize a float checkpoint's weights at load (a `routed quantize` checkpoint needs none)")
     g.add_argument("--max-ram", type=float, default=None, metavar="GB",
                    help="keep routed experts beyond this budget on disk behind an LRU cache")
     g.add_argument("--speculative", choices=["mtp"], default=None,
@@ -397,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting", type=positive_int, default=256,
                    help="queued requests beyond which new ones get 429 (default 256)")
     s.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
+    s.add_argument("--quant", choices=["int8", "int4"], default=None,
+                   help="quantize a float checkpoint's weights at load (a `routed quantize` checkpoint needs none)")
     s.add_argument("--max-ram", type=float, default=None, metavar="GB",
                    help="keep routed experts beyond this budget on disk behind an LRU cache")
     s.add_argument("--speculative", choices=["mtp"], default=None,

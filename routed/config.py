@@ -337,6 +337,7 @@ class EngineConfig:
     record_routing: str | None = None  # safetensors file the routing counts over time are written to
     speculative: str | None = None  # "mtp": draft one token with the MTP module, verify it in the same step
     max_ram_gb: float | None = None  # weights beyond this stay on disk: routed experts behind an LRU cache
+    quant: str | None = None  # "int8" | "int4": quantize a float checkpoint's weights at load (routed.quant)
     ep: int = 1  # expert-parallel ranks (routed.parallel.ep); > 1 spawns ranks 1.. on this machine
     placement: str | None = None  # expert placement JSON from `routed eplb` (default: contiguous blocks)
     ep_timeout_s: float = 120.0  # a rank silent this long in a step is declared hung

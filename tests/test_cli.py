@@ -27,6 +27,22 @@ def test_generate_json(tiny_preset: Path) -> None:
     assert chat.returncode == 0 and json.loads(chat.stdout)["prompt_tokens"] > out["prompt_tokens"]
 
 
+def test_generate_and_the_engine_quantize_at_load(tiny_preset: Path) -> None:
+    from routed.config import EngineConfig
+    from routed.engine.engine import LLMEngine
+    from routed.quant.linear import QLinear
+
+    engine = LLMEngine.from_pretrained(tiny_preset, config=EngineConfig(quant="int8"), progress=False)
+    heads = [m for m in engine.model.modules() if isinstance(m, QLinear)]
+    assert heads and all(m.fmt.bits == 8 for m in heads)
+    res = run("generate", "--model", str(tiny_preset), "--quant", "int4", "--max-tokens", "4", "--temperature", "0",
+              "--json", "Hello")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["completion_tokens"] == 4
+    bad = run("generate", "--model", str(tiny_preset), "--quant", "int3", "Hello")
+    assert bad.returncode != 0 and "invalid choice" in bad.stderr
+
+
 def test_inspect_counts_match_headers(tiny_preset: Path) -> None:
     res = run("inspect", "--model", str(tiny_preset), "--json")
     assert res.returncode == 0, res.stderr

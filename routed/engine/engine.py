@@ -119,11 +119,12 @@ class LLMEngine:
         if config.ep > 1 or torchrun_env():
             if config.max_ram_gb:
                 raise RoutedError("expert parallelism and --max-ram (expert offload) do not combine; pick one")
-            spec = LoadSpec(str(path), str(resolve_dtype(dtype)).removeprefix("torch."), mtp, None, config.placement,
-                            threads=max(1, torch.get_num_threads() // config.ep))
+            spec = LoadSpec(str(path), str(resolve_dtype(dtype)).removeprefix("torch."), mtp, config.quant,
+                            config.placement, threads=max(1, torch.get_num_threads() // config.ep))
             model = launch(spec, config.ep, config.ep_timeout_s, progress)
         else:
-            model = load_model(path, resolve_dtype(dtype), progress=progress, mtp=mtp, max_ram_gb=config.max_ram_gb)
+            model = load_model(path, resolve_dtype(dtype), progress=progress, mtp=mtp, quant=config.quant,
+                               max_ram_gb=config.max_ram_gb)
         try:
             return cls(model, Tokenizer.from_pretrained(path), config)
         except BaseException:
