@@ -3,7 +3,7 @@ them in again, zeroed, on the next allocation.
 
 A prefill allocates and frees tensors of megabytes per op (scores [H, T, S] in fp32, gathered expert inputs);
 by default glibc maps every block above its mmap threshold afresh and trims the heap's top once 128 KiB are
-free, so each such tensor costs a page fault per 4 KiB touched — on `small` a 512-token prefill spent ~20% of
+free, so each such tensor costs a page fault per 4 KiB touched — on `small` a 512-token prefill spent ~10-20% of
 its time there (its softmax, casts and gathers ran 5-10x slower than on warm memory). `keep_freed_memory()`
 raises the mmap threshold to glibc's maximum (32 MiB: larger blocks — weights, the cache — are still mapped
 on their own) and the trim threshold to 1 GiB, so freed blocks are reused warm. The cost: the process keeps
