@@ -14,25 +14,25 @@ the C library is not glibc.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 
 log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 * 2**20  # glibc's upper limit on 64-bit systems
 TRIM_THRESHOLD = 2**30
-_done: list[bool] = []
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
-    """Set glibc's thresholds once per process; True if they are set."""
-    if not _done:
-        try:
-            libc = ctypes.CDLL(None)  # the C library the process already runs on
-        except OSError:
-            libc = None
-        glibc = libc is not None and hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")
-        _done.append(glibc and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-                     and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
-        if not _done[0]:
-            log.debug("not glibc, or mallopt refused: freed memory goes back to the system as usual")
-    return _done[0]
+    """Set glibc's thresholds (once per process: cached); True if they are set."""
+    try:
+        libc = ctypes.CDLL(None)  # the C library the process already runs on
+    except OSError:
+        return False
+    ok = (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")
+          and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+          and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+    if not ok:
+        log.debug("not glibc, or mallopt refused: freed memory goes back to the system as usual")
+    return ok
