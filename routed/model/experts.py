@@ -152,5 +152,6 @@ class RoutedExperts(nn.Module):
             end = start + count
             y_sorted[start:end] = self.expert(e, x_sorted[start:end])
             start = end
-        weighted = y_sorted.float() * w_NK.flatten()[order].float().unsqueeze(-1)  # once for all experts
+        # once for all experts; bf16 x fp32 promotes in the one pass (= y.float() * w, without the fp32 copy)
+        weighted = y_sorted * w_NK.flatten()[order].float().unsqueeze(-1)
         return torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device).index_add_(0, token_of, weighted)

@@ -495,7 +495,7 @@ def probe_eager(median_seconds: Any, heads: int = 8, rows: int = 16, vocab: int 
         def naive() -> None:
             for a, b in chunks:
                 out[:, a:b] = attend_expanded(q_nope[:, a:b], q_pe[:, a:b], k_BHSD[:, :, :b], v_BHSV[:, :, :b],
-                                              mask_TS[None, a:b, :b], 0.1)
+                                              mask_TS[None, a:b, :b], 0.1, masked_from=a)
 
         seconds = median_seconds(naive)
         per_naive.append(seconds / (heads * sum((b - a) * b for a, b in chunks)) * 1e9)
