@@ -133,16 +133,12 @@ class PagedBatch:
     key_slots: list[torch.Tensor]
 
 
-@torch.library.custom_op("routed::write_latents", mutates_args=("cache_LPC",))
 def write_latents(cache_LPC: torch.Tensor, layer: int, slots_N: torch.Tensor, latent_NC: torch.Tensor) -> None:
-    """cache[layer, slots] = latents, in place. An op of its own so that a compiled step writes its few rows
-    into the cache instead of functionalising the write into a copy of the whole cache."""
-    cache_LPC[layer, slots_N] = latent_NC.to(cache_LPC.dtype)
-
-
-@write_latents.register_fake
-def _(cache_LPC: torch.Tensor, layer: int, slots_N: torch.Tensor, latent_NC: torch.Tensor) -> None:
-    return None
+    """cache[layer, slots] = latents, in place. Written as index_put_ on the whole cache with a tensor index per
+    dimension so that a compiled step keeps it one in-place write of its few rows (`cache[layer, slots] = ...`
+    goes through a view, which the compiler functionalises into a copy of the whole cache; a custom op kept it
+    in place but cost ~40 us per call from the compiled graph against ~5 us for this)."""
+    cache_LPC.index_put_((torch.full_like(slots_N, layer), slots_N), latent_NC.to(cache_LPC.dtype))
 
 
 def paged_attention(
