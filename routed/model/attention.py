@@ -23,6 +23,7 @@ V v_head_dim, L kv_lora_rank, C = L + R.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,10 @@ import torch.nn.functional as F
 
 ATTN_IMPLS = ("auto", "absorb", "naive")
 QUERY_CHUNK = 128  # prefill: queries per chunk of the causal (naive) form
+# compiled one-token step: up to this many keys the query's scores and output are fused multiply-sums, beyond it
+# two matmuls (one query, 16 heads, 2 threads: sums 34 / 117 / 404 / 1574 us at 17 / 256 / 1024 / 4096 keys,
+# matmuls 99 / 144 / 328 / 952); both are compiled into the one graph (torch.cond), none is compiled on the way
+FUSED_MAX_KEYS = 512
 
 
 def naive_attention(
@@ -100,12 +105,37 @@ def absorbed_attention(
     else:
         q_lat_BTHL = torch.einsum("bthn,hnl->bthl", q_nope_BTHN, w_uk_HNL)
     q_BTHC = torch.cat([q_lat_BTHL, q_pe_BTHR], dim=-1)
+
+    if fused:  # short contexts: fused sums (a one-query bmm costs ~50 us of overhead); long: the matmuls. Both
+        # weigh all C latent columns (operands of cond may not alias each other): the values are the first L
+        o_HC = torch.cond(latent_BSC.shape[1] <= FUSED_MAX_KEYS, functools.partial(_one_query_sums, scale),
+                          functools.partial(_one_query_matmuls, scale), (q_BTHC, latent_BSC, mask_BTS))
+        return (o_HC[:, None, :L].float() * w_uv_HVL.float()).sum(-1).to(o_HC.dtype)[None, None]
+    o_lat_BTHL = _latent_matmuls(scale, q_BTHC, latent_BSC, latent_BSC[..., :L], mask_BTS)
+    return torch.einsum("bthl,hvl->bthv", o_lat_BTHL, w_uv_HVL)
+
+
+def _latent_matmuls(scale: float, q_BTHC: torch.Tensor, latent_BSC: torch.Tensor, values_BSX: torch.Tensor,
+                    mask_BTS: torch.Tensor) -> torch.Tensor:
+    """Attention in the latent: -> the probability-weighted values [B, T, H, X] (values: latent columns)."""
     scores_BHTS = torch.einsum("bthc,bsc->bhts", q_BTHC, latent_BSC).float() * scale
     probs_BHTS = _masked_softmax(scores_BHTS, mask_BTS).to(latent_BSC.dtype)
-    o_lat_BTHL = torch.einsum("bhts,bsl->bthl", probs_BHTS, latent_BSC[..., :L])
-    if fused:
-        return (o_lat_BTHL.float()[..., None, :] * w_uv_HVL.float()).sum(-1).to(o_lat_BTHL.dtype)
-    return torch.einsum("bthl,hvl->bthv", o_lat_BTHL, w_uv_HVL)
+    return torch.einsum("bhts,bsx->bthx", probs_BHTS, values_BSX)
+
+
+def _one_query_matmuls(scale: float, q_BTHC: torch.Tensor, latent_BSC: torch.Tensor,
+                       mask_BTS: torch.Tensor) -> torch.Tensor:
+    # [H, C], its own tensor (a branch of cond may not return a view)
+    return _latent_matmuls(scale, q_BTHC, latent_BSC, latent_BSC, mask_BTS)[0, 0].clone()
+
+
+def _one_query_sums(scale: float, q_BTHC: torch.Tensor, latent_BSC: torch.Tensor,
+                    mask_BTS: torch.Tensor) -> torch.Tensor:
+    """`_one_query_matmuls` (B = T = 1) as multiply-sums, fp32 throughout: -> [H, C]."""
+    lat_SC = latent_BSC[0].float()
+    scores_HS = (q_BTHC[0, 0].float()[:, None, :] * lat_SC).sum(-1) * scale
+    probs_HS = F.softmax(scores_HS.masked_fill(~mask_BTS[0], float("-inf")), dim=-1)
+    return (probs_HS[:, :, None] * lat_SC).sum(1).to(latent_BSC.dtype)
 
 
 def _masked_softmax(scores_BHTS: torch.Tensor, mask_BTS: torch.Tensor) -> torch.Tensor:

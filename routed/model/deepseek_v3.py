@@ -434,6 +434,8 @@ class Transformer(nn.Module):
         try:
             # int4 experts: each chosen id is read as a size (`int(id)`) and selects a view of its packed weights
             torch._dynamo.config.capture_scalar_outputs = True
+            # the softmax scale is a constant of the model: baked in (a symbolic float cannot enter torch.cond)
+            torch._dynamo.config.specialize_float = True
             # no guards that two sizes stay equal because they were at the warm-up (keys = layers, say)
             torch.fx.experimental._config.use_duck_shape = False
             # a process may hold several models (tests, benchmarks), each ~3 compiled entries of _run_block
