@@ -1,7 +1,8 @@
 """The speed issue's table in one script: transformers bf16 against routed bf16, int8 and int4 on one checkpoint.
 
 All four models are loaded in this one process and timed in turn within each repeat (so a noisy minute hits
-every engine alike); figures are medians over the repeats; ratios are to transformers bf16 in the same run.
+every engine alike); figures are medians over the repeats; ratios are to transformers bf16 in the same run, both
+as the ratio of medians and as the median of each repeat's own ratio (figures timed seconds apart).
 
     python benchmarks/speed_small.py --model checkpoints/small --threads 2 --repeats 5 --out benchmarks/results/speed_small.json
 
@@ -100,9 +101,17 @@ def main() -> None:
         "gen_len": args.gen_len, "engines": engines,
         "tok_s": {k: round(v, 1) for k, v in med.items()},
         "spread": {k: round(max(v) - min(v), 1) for k, v in figures.items()},
+        "repeats_tok_s": {k: " ".join(f"{x:.1f}" for x in v) for k, v in figures.items()},
         "ratio_vs_transformers_bf16": {
             k: round(v / hf["prefill" if k.endswith("prefill") else "decode b1"], 2)
             for k, v in med.items() if not k.startswith("transformers") and k.endswith(("prefill", " b1"))},
+        # each repeat's routed figure over the transformers figure timed beside it, then the median: the drift
+        # of this shared VM between minutes cancels within a repeat (the ratio of medians above pairs figures
+        # from different repeats)
+        "ratio_per_repeat_median": {
+            k: round(statistics.median(
+                x / y for x, y in zip(v, figures[f"transformers bf16 {'prefill' if k.endswith('prefill') else 'decode b1'}"])), 2)
+            for k, v in figures.items() if not k.startswith("transformers") and k.endswith(("prefill", " b1"))},
     }
     text = json.dumps(out, indent=2)
     print(text)
