@@ -52,14 +52,16 @@ def naive_attention(
 def expand_keys(latent_BSC: torch.Tensor, kv_b_HXL: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The naive form's per-head keys [k_nope | k_R] and values from the latents: -> k_BHSD, v_BHSV.
 
-    One batched product per head lays the expansion out head-major ([B, H, S, N + V]), so the keys (a fresh
-    tensor from the concatenation) are contiguous per head and the values' rows are too: the attention's
-    matmuls then read them in place (from a token-major layout they copy the keys for every query chunk)."""
+    One GEMM over all heads (token-major output), then the keys laid out head-major by the concatenation that
+    builds them anyway, so each head's keys are contiguous and the attention's matmuls read them in place (from
+    the token-major layout they copied the keys for every query chunk). The values stay a strided view: their
+    rows are contiguous, which the matmul takes as it is."""
     H, X, L = kv_b_HXL.shape
+    B, S, _ = latent_BSC.shape
     c_BSL, k_pe_BSR = latent_BSC[..., :L], latent_BSC[..., L:]
-    kv_BHSX = torch.matmul(c_BSL.unsqueeze(1), kv_b_HXL.transpose(1, 2))
-    k_BHSD = torch.cat([kv_BHSX[..., :N], k_pe_BSR.unsqueeze(1).expand(-1, H, -1, -1)], dim=-1)
-    return k_BHSD, kv_BHSX[..., N:]
+    kv_BSHX = F.linear(c_BSL, kv_b_HXL.reshape(H * X, L)).view(B, S, H, X)
+    k_BHSD = torch.cat([kv_BSHX[..., :N].transpose(1, 2), k_pe_BSR.unsqueeze(1).expand(-1, H, -1, -1)], dim=-1)
+    return k_BHSD, kv_BSHX[..., N:].transpose(1, 2)
 
 
 def attend_expanded(q_nope_BTHN: torch.Tensor, q_pe_BTHR: torch.Tensor, k_BHSD: torch.Tensor, v_BHSV: torch.Tensor,
@@ -150,6 +152,10 @@ ATTENTION = {"naive": naive_attention, "absorb": absorbed_attention,
 @dataclass(slots=True)
 class PagedBatch:
     """One engine step over a paged latent cache; tokens of all sequences are flattened into one row.
+
+    A sequence's tokens in the step are its newest: with S = len(key_slots) and T = end - start, its token t
+    sits at position S - T + t and key_slots are its positions 0..S-1 in order (the prefill attention relies
+    on it: a query chunk's keys before its first query are visible to the whole chunk).
 
     cache_LPC     the cache, [num_layers, num_blocks * block_size, C]: slot = block * block_size + offset
     slots_N       the cache slot each token of the step writes its latent to

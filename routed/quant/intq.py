@@ -139,7 +139,7 @@ def dequantize_packed_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, gro
     block = _packed_block()
     if block is None or N % block:
         return None
-    v = packed.view(N // block, K, block // 2)
+    v = packed.reshape(N // block, K, block // 2)
     q_GgN = torch.stack([v & 0xF, v >> 4], dim=2).permute(1, 0, 2, 3).reshape(G, group_size, N)
     sz = scales_zeros.float()[:, None]  # [G, 1, N, 2]
     return torch.addcmul(sz[..., 1], q_GgN.float() - 8, sz[..., 0]).to(dtype).view(K, N).t()
