@@ -105,7 +105,7 @@ def absorbed_attention(
     if fused:  # the weight products as multiply-sums the compiler fuses (a one-row bf16 bmm is slow on the CPU)
         q_lat_BTHL = (q_nope_BTHN.float()[..., None] * w_uk_HNL.float()).sum(-2).to(q_nope_BTHN.dtype)
     else:
-        q_lat_BTHL = torch.einsum("bthn,hnl->bthl", q_nope_BTHN, w_uk_HNL)
+        q_lat_BTHL = fold_queries(q_nope_BTHN, w_uk_HNL)
     q_BTHC = torch.cat([q_lat_BTHL, q_pe_BTHR], dim=-1)
 
     if fused:  # short contexts: fused sums (a one-query bmm costs ~50 us of overhead); long: the matmuls. Both
@@ -113,7 +113,16 @@ def absorbed_attention(
         o_HC = torch.cond(latent_BSC.shape[1] <= FUSED_MAX_KEYS, functools.partial(_one_query_sums, scale),
                           functools.partial(_one_query_matmuls, scale), (q_BTHC, latent_BSC, mask_BTS))
         return (o_HC[:, None, :L].float() * w_uv_HVL.float()).sum(-1).to(o_HC.dtype)[None, None]
-    o_lat_BTHL = _latent_matmuls(scale, q_BTHC, latent_BSC, latent_BSC[..., :L], mask_BTS)
+    return unfold_outputs(_latent_matmuls(scale, q_BTHC, latent_BSC, latent_BSC[..., :L], mask_BTS), w_uv_HVL)
+
+
+def fold_queries(q_nope_BTHN: torch.Tensor, w_uk_HNL: torch.Tensor) -> torch.Tensor:
+    """W_UK into the queries: -> q_lat [B, T, H, L]."""
+    return torch.einsum("bthn,hnl->bthl", q_nope_BTHN, w_uk_HNL)
+
+
+def unfold_outputs(o_lat_BTHL: torch.Tensor, w_uv_HVL: torch.Tensor) -> torch.Tensor:
+    """W_UV out of the latent outputs: -> o [B, T, H, V]."""
     return torch.einsum("bthl,hvl->bthv", o_lat_BTHL, w_uv_HVL)
 
 
@@ -188,17 +197,36 @@ def paged_attention(
     kv_b_HXL: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Write the step's latents into the cache, then attend per sequence over its own cached context."""
+    """Write the step's latents into the cache, then attend per sequence over its own cached context.
+
+    Several sequences in the absorbed form (a batch decoding together) share the step's two weight products:
+    W_UK folded into all their queries at once and W_UV out of all their outputs at once, instead of once per
+    sequence (each one-row product of a kv_b half costs ~0.5 ms here: 16 per layer for 8 sequences)."""
     write_latents(batch.cache_LPC, layer, batch.slots_N, latent_BTC[0])
     cache_PC = batch.cache_LPC[layer]
     N = q_nope_BTHN.shape[-1]
+    L = kv_b_HXL.shape[-1]
     out = q_nope_BTHN.new_empty(*q_nope_BTHN.shape[:3], kv_b_HXL.shape[1] - N)
-    for (start, end), key_slots in zip(batch.seq_bounds, batch.key_slots):
+    forms = [impl if impl != "auto" else ("naive" if use_naive(end - start, len(key_slots), kv_b_HXL, N) else "absorb")
+             for (start, end), key_slots in zip(batch.seq_bounds, batch.key_slots)]
+    shared: torch.Tensor | None = None  # the absorbed sequences' token rows, when several share the products
+    if forms.count("absorb") > 1:
+        shared = torch.cat([torch.arange(start, end) for (start, end), form in zip(batch.seq_bounds, forms)
+                            if form == "absorb"]).to(q_nope_BTHN.device)
+        q_lat_BRHL = fold_queries(q_nope_BTHN.index_select(1, shared), kv_b_HXL[:, :N])
+        o_lat_BRHL = q_lat_BRHL.new_empty(q_lat_BRHL.shape)
+        row = 0
+    for (start, end), key_slots, form in zip(batch.seq_bounds, batch.key_slots, forms):
         keys_SC = cache_PC.index_select(0, key_slots)
         S, T = keys_SC.shape[0], end - start
         key_pos_S = torch.arange(S, device=keys_SC.device)
         mask_TS = key_pos_S.unsqueeze(0) <= positions_BT[0, start:end].unsqueeze(1)
-        form = impl if impl != "auto" else ("naive" if use_naive(T, S, kv_b_HXL, N) else "absorb")
+        if form == "absorb" and shared is not None:
+            q_BTHC = torch.cat([q_lat_BRHL[:, row : row + T], q_pe_BTHR[:, start:end]], dim=-1)
+            o_lat_BRHL[:, row : row + T] = _latent_matmuls(scale, q_BTHC, keys_SC.unsqueeze(0),
+                                                           keys_SC[None, :, :L], mask_TS.unsqueeze(0))
+            row += T
+            continue
         if form == "absorb":
             out[:, start:end] = absorbed_attention(q_nope_BTHN[:, start:end], q_pe_BTHR[:, start:end],
                                                    keys_SC.unsqueeze(0), mask_TS.unsqueeze(0), kv_b_HXL, scale)
@@ -212,4 +240,6 @@ def paged_attention(
                 q_nope_BTHN[:, start + a : start + b], q_pe_BTHR[:, start + a : start + b],
                 k_BHSD[:, :, :visible], v_BHSV[:, :, :visible], mask_TS[None, a:b, :visible], scale,
                 masked_from=S - T + a)  # keys before the chunk's first query are visible to all of it
+    if shared is not None:
+        out.index_copy_(1, shared, unfold_outputs(o_lat_BRHL, kv_b_HXL[:, N:]))
     return out
