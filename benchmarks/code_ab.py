@@ -1,12 +1,16 @@
-"""Prefill A/B in one process: functions as a git revision has them against the working tree's, interleaved.
+"""A/B of a code change in one process: functions as a git revision has them against the working tree's,
+interleaved, on prefill (default) or on decode at a batch size (`--decode-batch B`).
 
 This VM's timings drift 2-5x between processes minutes apart, so a speed change is measured here by swapping
-the changed functions in and out of one loaded engine and alternating: a prefill with the revision's code, a
-prefill with the working tree's, and so on; figures are medians over the rounds, with the ratio.
+the changed functions in and out of one loaded engine and alternating: a prefill (or B sequences decoding
+--gen-len tokens) with the revision's code, then with the working tree's, and so on; figures are medians over
+the rounds, with the ratio. Eager paths only: the compiled one-token step keeps what it traced.
 
-    python benchmarks/prefill_ab.py --model checkpoints/small --base HEAD~1 --rounds 8 \
+    python benchmarks/code_ab.py --model checkpoints/small --base HEAD~1 --rounds 8 \
         --swap routed/model/attention.py:expand_keys,attend_expanded,paged_attention \
         --swap routed/model/experts.py:RoutedExperts._grouped
+    python benchmarks/code_ab.py --model checkpoints/small --base HEAD~1 --decode-batch 16 \
+        --swap routed/model/attention.py:paged_attention,absorbed_attention
 
 Each --swap names a file and its functions (a method as Class.method); the revision's versions are compiled
 from `git show BASE:FILE` into a copy of the live module's namespace (so they call each other's old versions,
@@ -27,7 +31,7 @@ from types import ModuleType
 
 import torch
 
-from routed.bench import _prefill
+from routed.bench import _decode, _prefill
 from routed.config import EngineConfig
 from routed.engine.engine import LLMEngine
 from routed.loader import load_model
@@ -69,6 +73,8 @@ def main() -> None:
     ap.add_argument("--base", default="HEAD~1", help="git revision whose functions are the A side")
     ap.add_argument("--swap", action="append", required=True, help="FILE:func,Class.method,... (repeatable)")
     ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--decode-batch", type=int, help="time decode of this many sequences instead of prefill")
+    ap.add_argument("--gen-len", type=int, default=16, help="decode: tokens per sequence and round")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
@@ -83,22 +89,30 @@ def main() -> None:
     model = load_model(args.model, "bf16", progress=False)
     engine = LLMEngine(model, Tokenizer.from_pretrained(args.model),
                        EngineConfig(routing_telemetry=False, enable_prefix_caching=False,
-                                    max_num_batched_tokens=args.prompt_len))
+                                    max_num_seqs=max(16, args.decode_batch or 0),
+                                    max_num_batched_tokens=max(args.prompt_len, 16 * (args.decode_batch or 0))))
     rng = random.Random(0)
+
+    def run() -> float:
+        if args.decode_batch:
+            return _decode(engine, args.decode_batch, args.gen_len, rng)
+        return _prefill(engine, args.prompt_len, rng)
+
     rates: dict[str, list[float]] = {side: [] for side in sides}
-    with torch.inference_mode(), progress_bar("prefill A/B", total=args.warmup + 2 * args.rounds) as advance:
+    what = f"decode b{args.decode_batch}" if args.decode_batch else f"prefill {args.prompt_len}"
+    with torch.inference_mode(), progress_bar(f"{what} A/B", total=args.warmup + 2 * args.rounds) as advance:
         for _ in range(args.warmup):
-            _prefill(engine, args.prompt_len, rng)
+            run()
             advance()
         for _ in range(args.rounds):
             for side, swaps in sides.items():
                 for module, functions in swaps:
                     install(module, functions)
-                rates[side].append(_prefill(engine, args.prompt_len, rng))
+                rates[side].append(run())
                 advance()
     med = {side: statistics.median(v) for side, v in rates.items()}
-    print(json.dumps({"base": args.base, "prompt_len": args.prompt_len, "threads": args.threads,
-                      "prefill_tok_s_median": {k: round(v, 1) for k, v in med.items()},
+    print(json.dumps({"base": args.base, "run": what, "threads": args.threads,
+                      "tok_s_median": {k: round(v, 1) for k, v in med.items()},
                       "all": {k: " ".join(str(round(x)) for x in v) for k, v in rates.items()},
                       "ratio": round(med["working tree"] / med["base"], 3)}, indent=2))
 
