@@ -83,7 +83,14 @@ def main() -> None:
     sides: dict[str, list[tuple[ModuleType, dict[str, object]]]] = {"base": [], "working tree": []}
     for spec in args.swap:
         path, _, names = spec.partition(":")
-        module, old, new = old_functions(args.base, path, names.split(","))
+        try:
+            module, old, new = old_functions(args.base, path, names.split(","))
+        except ModuleNotFoundError:
+            ap.error(f"--swap {spec}: {path} is not a module of this checkout (FILE:func,Class.method)")
+        except subprocess.CalledProcessError as e:
+            ap.error(f"--swap {spec}: git show {args.base}:{path} failed: {e.stderr.strip()}")
+        except (StopIteration, AttributeError):
+            ap.error(f"--swap {spec}: not every one of {names!r} is in both {args.base} and the working tree")
         sides["base"].append((module, old))
         sides["working tree"].append((module, new))
     model = load_model(args.model, "bf16", progress=False)
