@@ -95,6 +95,10 @@ def main() -> None:
                 figures.setdefault(name, []).append(task())  # type: ignore[operator]
                 advance()
     med = {k: statistics.median(v) for k, v in figures.items()}
+
+    def baseline(name: str) -> str:  # the transformers figure a routed figure is compared with
+        return "transformers bf16 prefill" if name.endswith("prefill") else "transformers bf16 decode b1"
+
     hf = {"prefill": med["transformers bf16 prefill"], "decode b1": med["transformers bf16 decode b1"]}
     out = {
         "model": args.model, "threads": args.threads, "repeats": args.repeats, "prompt_len": args.prompt_len,
@@ -109,8 +113,7 @@ def main() -> None:
         # of this shared VM between minutes cancels within a repeat (the ratio of medians above pairs figures
         # from different repeats)
         "ratio_per_repeat_median": {
-            k: round(statistics.median(
-                x / y for x, y in zip(v, figures[f"transformers bf16 {'prefill' if k.endswith('prefill') else 'decode b1'}"])), 2)
+            k: round(statistics.median(x / y for x, y in zip(v, figures[baseline(k)])), 2)
             for k, v in figures.items() if not k.startswith("transformers") and k.endswith(("prefill", " b1"))},
     }
     text = json.dumps(out, indent=2)
