@@ -444,7 +444,8 @@ class Transformer(nn.Module):
             # this model's own copy of the block function: dynamo keeps compiled graphs per code object and tries
             # a call's guards against each of them in turn, so models sharing one code object (bf16, int8 and int4
             # side by side in a benchmark, or tests) would make every call walk the others' graphs first (small:
-            # bf16 decode 58.6 -> 48.2 tok/s once int8 and int4 were compiled in the same process)
+            # bf16 decode 58.6 -> 48.2 tok/s once int8 and int4 were compiled in the same process). The cost: a
+            # second model in a process traces its block again (inductor's on-disk cache spares the code generation)
             own = types.FunctionType(_run_block.__code__.replace(co_name=f"_run_block_{id(self):x}"),
                                      _run_block.__globals__, f"_run_block_{id(self):x}")
             compiled = torch.compile(own, dynamic=True)
