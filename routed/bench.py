@@ -32,11 +32,11 @@ from routed.config import EngineConfig
 from routed.engine.engine import LLMEngine
 from routed.errors import RoutedError
 from routed.loader import load_model
-from routed.quant.linear import model_bytes, own_bytes
 from routed.model.deepseek_v3 import Transformer
 from routed.model.experts import RoutedExperts
 from routed.parallel.ep import LoadSpec, launch
 from routed.progress import progress_bar
+from routed.quant.linear import model_bytes, own_bytes
 from routed.sampling import SamplingParams
 from routed.tokenizer import Tokenizer
 

@@ -27,12 +27,12 @@ from safetensors import SafetensorError, safe_open
 
 from routed.config import ModelConfig
 from routed.errors import RoutedError
-from routed.model.deepseek_v3 import Gate, MoE, Transformer
+from routed.malloc import keep_freed_memory
 from routed.model import gemv
+from routed.model.deepseek_v3 import Gate, MoE, Transformer
 from routed.model.experts import RoutedExperts
 from routed.progress import progress_bar
 from routed.quant import fp8
-from routed.malloc import keep_freed_memory
 from routed.quant.intq import IntFormat, quantize_int4, quantize_int8
 from routed.quant.linear import finalize_model, model_bytes, quantize_model
 

@@ -199,9 +199,10 @@ def paged_attention(
 ) -> torch.Tensor:
     """Write the step's latents into the cache, then attend per sequence over its own cached context.
 
-    Several sequences in the absorbed form (a batch decoding together) share the step's two weight products:
-    W_UK folded into all their queries at once and W_UV out of all their outputs at once, instead of once per
-    sequence (each one-row product of a kv_b half costs ~0.5 ms here: 16 per layer for 8 sequences)."""
+    The sequences in the absorbed form share the step's two weight products: W_UK folded into all their queries
+    at once and W_UV out of all their outputs at once, not once per sequence (each one-row product of a kv_b half
+    costs ~0.5 ms here: 16 per layer for 8 decoding sequences). The compiled one-token step (one sequence) takes
+    `absorbed_attention`, which fuses both products into its graph."""
     write_latents(batch.cache_LPC, layer, batch.slots_N, latent_BTC[0])
     cache_PC = batch.cache_LPC[layer]
     N = q_nope_BTHN.shape[-1]
@@ -209,13 +210,13 @@ def paged_attention(
     out = q_nope_BTHN.new_empty(*q_nope_BTHN.shape[:3], kv_b_HXL.shape[1] - N)
     forms = [impl if impl != "auto" else ("naive" if use_naive(end - start, len(key_slots), kv_b_HXL, N) else "absorb")
              for (start, end), key_slots in zip(batch.seq_bounds, batch.key_slots)]
-    shared: torch.Tensor | None = None  # the absorbed sequences' token rows, when several share the products
-    if forms.count("absorb") > 1:
+    shared: torch.Tensor | None = None  # the absorbed sequences' token rows, which share the weight products
+    if "absorb" in forms and not torch.compiler.is_compiling():
         shared = torch.cat([torch.arange(start, end) for (start, end), form in zip(batch.seq_bounds, forms)
                             if form == "absorb"]).to(q_nope_BTHN.device)
         q_lat_BRHL = fold_queries(q_nope_BTHN.index_select(1, shared), kv_b_HXL[:, :N])
         o_lat_BRHL = q_lat_BRHL.new_empty(q_lat_BRHL.shape)
-        row = 0
+    row = 0  # the next absorbed sequence's first row in q_lat / o_lat
     for (start, end), key_slots, form in zip(batch.seq_bounds, batch.key_slots, forms):
         keys_SC = cache_PC.index_select(0, key_slots)
         S, T = keys_SC.shape[0], end - start
@@ -227,7 +228,7 @@ def paged_attention(
                                                            keys_SC[None, :, :L], mask_TS.unsqueeze(0))
             row += T
             continue
-        if form == "absorb":
+        if form == "absorb":  # the compiled one-token step
             out[:, start:end] = absorbed_attention(q_nope_BTHN[:, start:end], q_pe_BTHR[:, start:end],
                                                    keys_SC.unsqueeze(0), mask_TS.unsqueeze(0), kv_b_HXL, scale)
             continue
