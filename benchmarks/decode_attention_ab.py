@@ -1,8 +1,8 @@
 """Decode at batch 1, the compiled step's two forms of the one-query attention in one process, interleaved:
 fused multiply-sums (routed's choice up to FUSED_MAX_KEYS keys) against the two matmuls (its choice beyond).
 
-The compiled graph reads `routed.model.attention.FUSED_MAX_KEYS` when it is traced, and dynamo guards on it:
-setting it to 0 compiles (once) the graph that always takes the matmuls, and each round switches between the two.
+The compiled step reads `routed.model.attention.FUSED_MAX_KEYS` when it is traced: a second set of compiled
+functions, traced with it at 0, always takes the matmuls; each round switches the model between the two plans.
 
     python benchmarks/decode_attention_ab.py --model checkpoints/small --rounds 6 [--quant int8]
 """
@@ -38,16 +38,21 @@ def main() -> None:
     engine = LLMEngine(model, Tokenizer.from_pretrained(args.model),
                        EngineConfig(routing_telemetry=False, enable_prefix_caching=False))
     rng = random.Random(0)
-    forms = {"fused sums": attention.FUSED_MAX_KEYS, "matmuls": 0}
-    rates: dict[str, list[float]] = {name: [] for name in forms}
-    with torch.inference_mode(), progress_bar("decode A/B", total=len(forms) * (args.rounds + 1)) as advance:
-        for keys in forms.values():  # warm-up: compiles the matmuls-only graph
-            attention.FUSED_MAX_KEYS = keys
+    plans = {"fused sums": model._one_token_plan}
+    saved, attention.FUSED_MAX_KEYS = attention.FUSED_MAX_KEYS, 0
+    model._decode_fns = {}  # fresh functions, traced with the threshold at 0: the matmuls at every context
+    assert model.compile_decode()
+    attention.FUSED_MAX_KEYS = saved
+    plans["matmuls"] = model._one_token_plan
+    rates: dict[str, list[float]] = {name: [] for name in plans}
+    with torch.inference_mode(), progress_bar("decode A/B", total=len(plans) * (args.rounds + 1)) as advance:
+        for plan in plans.values():  # warm-up
+            model._one_token_plan = plan
             _decode(engine, 1, 8, rng)
             advance()
         for _ in range(args.rounds):
-            for name, keys in forms.items():
-                attention.FUSED_MAX_KEYS = keys
+            for name, plan in plans.items():
+                model._one_token_plan = plan
                 rates[name].append(_decode(engine, 1, args.gen_len, rng))
                 advance()
     med = {name: statistics.median(v) for name, v in rates.items()}

@@ -1,5 +1,5 @@
 """bf16 decode at batch 1 on three paths, in one process, alternating: eager PyTorch, the compiled one-row GEMV
-(routed/model/gemv.py) alone, and the compiled one-token block (Transformer.compile_decode, what the loader
+(routed/model/gemv.py) alone, and the compiled one-token step (Transformer.compile_decode, what the loader
 turns on); plus transformers on the same checkpoint for the ratio the speed issue asks for.
 
     python benchmarks/decode_b1.py --model checkpoints/small --threads 2 --gen 32 --repeats 3
@@ -36,14 +36,14 @@ def main() -> None:
                        EngineConfig(routing_telemetry=False, enable_prefix_caching=False))
     rng = random.Random(0)
     assert gemv.enable() and model.compile_decode()  # the loader did both for small; compiled once
-    kernel, block = gemv._state["kernel"], model._one_token_block
-    paths = {"eager": (None, None), "compiled GEMV": (kernel, None), "compiled block": (kernel, block)}
+    kernel, plan = gemv._state["kernel"], model._one_token_plan
+    paths = {"eager": (None, None), "compiled GEMV": (kernel, None), "compiled step": (kernel, plan)}
     rates: dict[str, list[float]] = {name: [] for name in paths}
     _decode(engine, 1, 4, rng)  # warm up
     with progress_bar("decode b1", total=len(paths) * args.repeats) as advance:
         for _ in range(args.repeats):
             for name, (k, b) in paths.items():
-                gemv._state["kernel"], model._one_token_block = k, b
+                gemv._state["kernel"], model._one_token_plan = k, b
                 rates[name].append(_decode(engine, 1, args.gen, rng))
                 advance()
     del engine, model

@@ -54,7 +54,7 @@ def engine_info(model: torch.nn.Module) -> dict[str, Any]:
     from routed.model import gemv
 
     return {"version": routed.__version__, "commit": _commit(), "gemv": gemv._state["kernel"] is not None,
-            "compiled_decode": getattr(model, "_one_token_block", None) is not None,
+            "compiled_decode": getattr(model, "_one_token_plan", None) is not None,
             "attention": getattr(model, "attn_impl", None)}
 
 
@@ -107,14 +107,19 @@ def bytes_per_decode_step(model: Transformer, batch: int) -> int:
 
 
 class ExpertsTouched:
-    """Distinct routed experts each MoE layer ran per forward call, keyed by the call's token count (hooks)."""
+    """Distinct routed experts each MoE layer ran per forward call, keyed by the call's token count (hooks).
+    One-token steps run eager meanwhile (the same routing; a Python hook would split the compiled step)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.by_tokens: dict[int, list[int]] = {}
         self.handles: list[Any] = []
+        self.plan = None
 
     def __enter__(self) -> "ExpertsTouched":
+        self.plan = getattr(self.model, "_one_token_plan", None)
+        if self.plan is not None:
+            self.model._one_token_plan = None
         def hook(_module: Any, inputs: Any, output: Any) -> None:
             self.by_tokens.setdefault(inputs[0].shape[0], []).append(int((output[1] > 0).sum()))
 
@@ -124,6 +129,8 @@ class ExpertsTouched:
     def __exit__(self, *exc: Any) -> None:
         for h in self.handles:
             h.remove()
+        if self.plan is not None:
+            self.model._one_token_plan = self.plan
 
     def mean(self, tokens: int) -> float | None:
         """Mean over the calls that saw `tokens` tokens (a decode step of `tokens` sequences, or a prefill)."""

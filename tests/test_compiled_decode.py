@@ -42,7 +42,8 @@ def generate(model, folder: Path, prompts: list[list[int]], **config):
                 tokens += o.new_token_ids
                 logprobs += [(lp.logprob, [v for _, v in lp.top]) for lp in o.logprobs]
         results.append((tokens, logprobs))
-    counters = [(g.expert_counts.clone(), g.expert_weight.clone(), g.route_stats.clone()) for _, g in model.gates()]
+    total = eng.routing.cumulative  # what the routers counted over every step (the engine reads them per step)
+    counters = list(zip(total.experts_LE, total.weight_LE, total.stats_L4))
     return results, counters, eng.runner.cache.clone()
 
 
@@ -54,20 +55,23 @@ def test_compiled_decode_equals_eager_fp32(folder: Path, quant: str | None, monk
     prompts = [[100 + i for i in range(9)], [5000, 17, 4242, 9]]
     eager, eager_counts, eager_cache = generate(model, folder, prompts)
     assert model.compile_decode()
+    plan = model._one_token_plan
+    # consecutive blocks of one kind per call: the dense first layer, then the MoE layers
+    assert [(first, len(blocks)) for _, first, blocks in plan] == [(0, 1), (1, model.config.num_hidden_layers - 1)]
     calls = []
-    compiled_block = model._one_token_block
 
-    def counting(*args):  # the compiled block, counted
-        calls.append(args[1].shape[1])
-        return compiled_block(*args)
+    def counted(fn):  # a compiled call, counted
+        def run(*args):
+            calls.append((args[1].shape[1], len(args[0])))
+            return fn(*args)
+        return run
 
-    model._one_token_block = counting
+    model._one_token_plan = [(counted(fn), first, blocks) for fn, first, blocks in plan]
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     fast, fast_counts, fast_cache = generate(model, folder, prompts)
     # compiled at load, never again (not when a context crosses FUSED_MAX_KEYS either)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-    layers = model.config.num_hidden_layers
-    assert calls == [1] * (layers * 9 * len(prompts))  # every decode step of every layer, no prefill
+    assert calls == [(1, len(blocks)) for _, _, blocks in plan] * (9 * len(prompts))  # every decode step, no prefill
     for (tok_e, lp_e), (tok_f, lp_f) in zip(eager, fast):
         assert tok_f == tok_e
         torch.testing.assert_close(torch.tensor([lp for lp, _ in lp_f]), torch.tensor([lp for lp, _ in lp_e]),
@@ -90,8 +94,8 @@ def test_compiled_decode_bf16_step_matches_eager(tiny_preset: Path) -> None:
     prompt = torch.tensor([[7, 300, 12000, 45, 9, 1001]])
     logits = {}
     with torch.inference_mode():
-        for name, block in (("eager", None), ("compiled", model._one_token_block)):
-            saved, model._one_token_block = model._one_token_block, block
+        for name, plan in (("eager", None), ("compiled", model._one_token_plan)):
+            saved, model._one_token_plan = model._one_token_plan, plan
             cache.zero_()
             n = prompt.shape[1]
             model.forward_hidden(prompt, torch.arange(n)[None], PagedBatch(cache, torch.arange(n), [(0, n)],
@@ -101,8 +105,24 @@ def test_compiled_decode_bf16_step_matches_eager(tiny_preset: Path) -> None:
                 batch = PagedBatch(cache, torch.tensor([pos]), [(0, 1)], [torch.arange(pos + 1)])
                 steps.append(model.logits(model.forward_hidden(torch.tensor([[tok]]), torch.tensor([[pos]]), batch)))
             logits[name] = torch.cat(steps)
-            model._one_token_block = saved
+            model._one_token_plan = saved
     eager, fast = logits["eager"], logits["compiled"]
     # bf16: the compiled block keeps intermediates in fp32 where eager rounds each op; a few bf16 roundings apart
     torch.testing.assert_close(fast, eager, rtol=0.03, atol=0.03 * float(eager.abs().max()))
     assert torch.equal(fast.argmax(-1), eager.argmax(-1))
+
+
+def test_compiled_decode_follows_telemetry_switch(folder: Path) -> None:
+    """The compiled step's guards keep the modules' plain attributes: an engine with routing telemetry off gets a
+    step that does not count (compiled for it when the engine is made), and telemetry back on counts again."""
+    model = load_model(folder, torch.float32, progress=False)
+    assert model.compile_decode()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    prompt = [100 + i for i in range(5)]
+    _, counts, _ = generate(model, folder, [prompt], routing_telemetry=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # compiled when the engine was made
+    assert all(int(c.sum()) == 0 for c, _, _ in counts)
+    _, counts, _ = generate(model, folder, [prompt])
+    top_k = model.config.num_experts_per_tok
+    # 5 prompt tokens and 9 decoded ones fed back (the 10th is never run), top_k experts each, in every layer
+    assert [int(c.sum()) for c, _, _ in counts] == [(5 + 9) * top_k] * len(model.gates())

@@ -96,10 +96,14 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, speculative=config.speculative == "mtp")
         self.drafted = self.accepted = 0  # speculative decoding: drafts verified, drafts accepted
         self.routing = RoutingMonitor(model, config.routing_window_tokens, record_path=config.record_routing)
+        switched = False
         for _, gate in model.gates():
+            switched |= gate.counting != config.routing_telemetry
             gate.counting = config.routing_telemetry
         for layer in model.mtp:  # the monitor reads the main layers' routers only
             layer.mlp.gate.counting = False
+        if switched and getattr(model, "_one_token_plan", None) is not None:
+            model.compile_decode()  # the compiled step for this telemetry setting now, not at the first steps
         self.requests: dict[str, Request] = {}
         self._text: dict[str, tuple[IncrementalDecoder, StopText]] = {}
         self._ids = itertools.count()

@@ -23,7 +23,6 @@ V v_head_dim, L kv_lora_rank, C = L + R.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +32,8 @@ ATTN_IMPLS = ("auto", "absorb", "naive")
 QUERY_CHUNK = 128  # prefill: queries per chunk of the causal (naive) form
 # compiled one-token step: up to this many keys the query's scores and output are fused multiply-sums, beyond it
 # two matmuls (one query, 16 heads, 2 threads: sums 34 / 117 / 404 / 1574 us at 17 / 256 / 1024 / 4096 keys,
-# matmuls 99 / 144 / 328 / 952); both are compiled into the one graph (torch.cond), none is compiled on the way
+# matmuls 99 / 144 / 328 / 952). The compiled code holds one form: the compiler guards on the side of this
+# threshold a context is, and `Transformer.compile_decode` compiles both sides up front (none on the way)
 FUSED_MAX_KEYS = 512
 
 
@@ -108,11 +108,12 @@ def absorbed_attention(
         q_lat_BTHL = fold_queries(q_nope_BTHN, w_uk_HNL)
     q_BTHC = torch.cat([q_lat_BTHL, q_pe_BTHR], dim=-1)
 
-    if fused:  # short contexts: fused sums (a one-query bmm costs ~50 us of overhead); long: the matmuls. Both
-        # weigh all C latent columns (operands of cond may not alias each other): the values are the first L
-        o_HC = torch.cond(latent_BSC.shape[1] <= FUSED_MAX_KEYS, functools.partial(_one_query_sums, scale),
-                          functools.partial(_one_query_matmuls, scale), (q_BTHC, latent_BSC, mask_BTS))
-        return (o_HC[:, None, :L].float() * w_uv_HVL.float()).sum(-1).to(o_HC.dtype)[None, None]
+    if fused:  # short contexts: fused sums (a one-query bmm costs ~50 us of overhead); long: the matmuls
+        if latent_BSC.shape[1] <= FUSED_MAX_KEYS:
+            o_HL = _one_query_sums(scale, q_BTHC, latent_BSC, mask_BTS, L)
+        else:
+            o_HL = _latent_matmuls(scale, q_BTHC, latent_BSC, latent_BSC[..., :L], mask_BTS)[0, 0]
+        return (o_HL[:, None, :].float() * w_uv_HVL.float()).sum(-1).to(o_HL.dtype)[None, None]
     return unfold_outputs(_latent_matmuls(scale, q_BTHC, latent_BSC, latent_BSC[..., :L], mask_BTS), w_uv_HVL)
 
 
@@ -134,19 +135,14 @@ def _latent_matmuls(scale: float, q_BTHC: torch.Tensor, latent_BSC: torch.Tensor
     return torch.einsum("bhts,bsx->bthx", probs_BHTS, values_BSX)
 
 
-def _one_query_matmuls(scale: float, q_BTHC: torch.Tensor, latent_BSC: torch.Tensor,
-                       mask_BTS: torch.Tensor) -> torch.Tensor:
-    # [H, C], its own tensor (a branch of cond may not return a view)
-    return _latent_matmuls(scale, q_BTHC, latent_BSC, latent_BSC, mask_BTS)[0, 0].clone()
-
-
-def _one_query_sums(scale: float, q_BTHC: torch.Tensor, latent_BSC: torch.Tensor,
-                    mask_BTS: torch.Tensor) -> torch.Tensor:
-    """`_one_query_matmuls` (B = T = 1) as multiply-sums, fp32 throughout: -> [H, C]."""
+def _one_query_sums(scale: float, q_BTHC: torch.Tensor, latent_BSC: torch.Tensor, mask_BTS: torch.Tensor,
+                    L: int) -> torch.Tensor:
+    """`_latent_matmuls` for one query (B = T = 1, values the first L latent columns) as multiply-sums, fp32
+    throughout: -> [H, L]."""
     lat_SC = latent_BSC[0].float()
     scores_HS = (q_BTHC[0, 0].float()[:, None, :] * lat_SC).sum(-1) * scale
     probs_HS = F.softmax(scores_HS.masked_fill(~mask_BTS[0], float("-inf")), dim=-1)
-    return (probs_HS[:, :, None] * lat_SC).sum(1).to(latent_BSC.dtype)
+    return (probs_HS[:, :, None] * lat_SC[:, :L]).sum(1).to(latent_BSC.dtype)
 
 
 def _masked_softmax(scores_BHTS: torch.Tensor, mask_BTS: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from routed.config import ModelConfig, RopeConfig
+from routed.model import attention
 from routed.model.attention import ATTENTION, ATTN_IMPLS, PagedBatch, paged_attention
 from routed.model.experts import RoutedExperts
 from routed.model.gemv import Linear
@@ -282,10 +283,33 @@ class MoE(nn.Module):
 
 
 # ---- blocks -----------------------------------------------------------------------------------------
-def _run_block(block: Block, h_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-               positions_BT: torch.Tensor, batch: PagedBatch | None, layer: int, impl: str) -> torch.Tensor:
-    """One decoder block; what `Transformer.compile_decode` compiles (one function for every block)."""
-    return block(h_BTD, rope, positions_BT, batch, layer, impl)
+def _run_blocks(blocks: tuple[Block, ...], h_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                positions_BT: torch.Tensor, batch: PagedBatch | None, first: int, impl: str) -> torch.Tensor:
+    """Consecutive decoder blocks from layer `first` on; what `Transformer.compile_decode` compiles."""
+    for j, block in enumerate(blocks):
+        h_BTD = block(h_BTD, rope, positions_BT, batch, first + j, impl)
+    return h_BTD
+
+
+# The compiled one-token step: consecutive blocks of one kind (dense or MoE), at most this many per compiled
+# call. Every call costs ~0.3 ms besides its kernels (guards, the generated wrapper) — per block, ~15% of a
+# bf16 `small` step — while each distinct run length is one more graph to compile (~3 s per block, cold).
+DECODE_CHUNK = 8
+# Guards a compiled decode call checks: those on its arguments (the step's tensors and sizes, the attention
+# impl), on the modules' tensors and plain attributes (dtypes, shapes, `Gate.counting`, hooks), and the global
+# state (grad mode, ...). Not the hundreds that re-check what a loaded model cannot change: module classes and
+# dict layouts, the identity of globals (functions, modules, constants) — ~70% of them, ~0.1 ms per call.
+_STATE_GUARDS = frozenset({"GRAD_MODE", "GLOBAL_STATE", "DETERMINISTIC_ALGORITHMS", "TORCH_FUNCTION_STATE",
+                           "DEFAULT_DEVICE", "AUTOGRAD_SAVED_TENSORS_HOOKS", "SHAPE_ENV"})
+_LAYOUT_GUARDS = frozenset({"TYPE_MATCH", "ID_MATCH", "CLASS_MATCH", "NOT_PRESENT_IN_GENERIC_DICT",
+                            "DICT_KEYS_MATCH", "DICT_CONTAINS", "DICT_NOT_CONTAINS", "HASATTR", "SEQUENCE_LENGTH",
+                            "DUPLICATE_INPUT"})
+
+
+def _decode_guards(entries: list) -> list[bool]:
+    return [e.guard_type in _STATE_GUARDS or not (
+        e.is_global or (e.orig_guard.source.is_unspecialized_nn_module() and e.guard_type in _LAYOUT_GUARDS))
+        for e in entries]
 
 
 class Block(nn.Module):
@@ -374,7 +398,8 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k, dtype) for k in range(n_mtp))
         self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
         self.attn_impl = "auto"
-        self._one_token_block: Callable | None = None  # compile_decode()
+        self._decode_fns: dict[type, Callable] = {}  # compile_decode(): a compiled _run_blocks per block kind
+        self._one_token_plan: list[tuple[Callable, int, tuple[Block, ...]]] | None = None  # (fn, first, blocks)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -412,62 +437,80 @@ class Transformer(nn.Module):
             positions_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
         rope = self.rotary(positions_BT)
         h = self.model.embed_tokens(input_ids_BT)
-        run = _run_block
-        if self._one_token_block is not None and T == 1 and batch is not None and not torch.is_grad_enabled():
-            run = self._one_token_block
-        for i, layer in enumerate(self.model.layers):
-            h = run(layer, h, rope, positions_BT, batch, i, self.attn_impl)
+        if self._one_token_plan is not None and T == 1 and batch is not None and not torch.is_grad_enabled():
+            for run, first, blocks in self._one_token_plan:
+                h = run(blocks, h, rope, positions_BT, batch, first, self.attn_impl)
+        else:
+            h = _run_blocks(tuple(self.model.layers), h, rope, positions_BT, batch, 0, self.attn_impl)
         return self.model.norm(h)
 
     def compile_decode(self, progress: bool = False) -> bool:
-        """Compile the decoder block for one-token steps (decode at batch 1); True if it is in use.
+        """Compile the decoder for one-token steps (decode at batch 1); True if it is in use.
 
         One-token steps are memory-bound GEMVs plus ~350 small ops per layer, most of them per-op overhead in
         eager PyTorch. Compiled (inductor, dynamic shapes), a block is a few fused loops: the one-row products
         as multiply-sums (`gemv.linear`), the chosen experts' weights read in place (`RoutedExperts._gathered`),
-        norms, RoPE, router and softmax fused around them. Every MoE block shares one compiled graph and the
-        dense blocks another (the compiler inlines the block and takes its weights as inputs). Compiled
-        here, once per process (~12 s cold, a few seconds from inductor's on-disk cache), on a scratch cache;
-        if compiling fails it warns and stays eager. Multi-token steps (prefill, batches) stay eager.
+        norms, RoPE, router and softmax fused around them. A compiled call runs up to DECODE_CHUNK consecutive
+        blocks of one kind (the compiler unrolls them and takes their weights as inputs: one graph per run
+        length, shared by every run of that length and kind), so a step is a few calls. Each kind has its own
+        compiled function with the guards of `_decode_guards`.
+
+        Compiled here, on a scratch cache, for both forms of the one-query attention (contexts up to
+        attention.FUSED_MAX_KEYS and beyond), so no step compiles on the way: ~25 s for `small` the first time
+        on a machine, ~3 s from inductor's on-disk cache. Called again (the engine does, after it sets routing
+        telemetry on or off), it runs the same warm-up, which compiles only what the new settings need. If
+        compiling fails it warns and stays eager. Multi-token steps (prefill, batches) stay eager.
         """
-        if self._one_token_block is not None:
-            return True
+        layers = list(self.model.layers)
         try:
             # int4 experts: each chosen id is read as a size (`int(id)`) and selects a view of its packed weights
             torch._dynamo.config.capture_scalar_outputs = True
-            # the softmax scale is a constant of the model: baked in (a symbolic float cannot enter torch.cond)
+            # the softmax scale is a constant of the model: baked in, not a symbolic float
             torch._dynamo.config.specialize_float = True
             # no guards that two sizes stay equal because they were at the warm-up (keys = layers, say)
             torch.fx.experimental._config.use_duck_shape = False
-            # a process may hold several models (tests, benchmarks), each ~3 compiled entries of _run_block
+            # a process may hold several models (tests, benchmarks), each with a few entries per function
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            # this model's own copy of the block function: dynamo keeps compiled graphs per code object and tries
-            # a call's guards against each of them in turn, so models sharing one code object (bf16, int8 and int4
-            # side by side in a benchmark, or tests) would make every call walk the others' graphs first (small:
-            # bf16 decode 58.6 -> 48.2 tok/s once int8 and int4 were compiled in the same process). The cost: a
-            # second model in a process traces its block again (inductor's on-disk cache spares the code generation)
-            own = types.FunctionType(_run_block.__code__.replace(co_name=f"_run_block_{id(self):x}"),
-                                     _run_block.__globals__, f"_run_block_{id(self):x}")
-            compiled = torch.compile(own, dynamic=True)
-            cache = self.new_cache(5)  # made as the engine makes its cache (outside inference mode); sizes all
-            with torch.inference_mode():  # distinct, none 1 (equal or unit sizes would be specialised on)
-                batch = PagedBatch(cache, torch.tensor([2]), [(0, 1)], [torch.arange(3)])
-                positions = torch.tensor([[2]])
-                rope = self.rotary(positions)
-                h = self.model.embed_tokens(torch.tensor([[0]]))
-                with progress_bar("compiling the decode step", total=len(self.model.layers),
-                                  enabled=progress) as advance:
-                    for i, layer in enumerate(self.model.layers):
-                        h = compiled(layer, h, rope, positions, batch, i, self.attn_impl)
+            for layer in layers:
+                # each model and block kind its own copy of the function: dynamo keeps compiled graphs per code
+                # object and tries a call's guards against each of them in turn, so sharing one would make every
+                # call walk the others' graphs first (small: bf16 decode 58.6 -> 48.2 tok/s once int8 and int4
+                # were compiled in the same process)
+                kind = type(layer.mlp)
+                if kind not in self._decode_fns:
+                    name = f"_run_blocks_{kind.__name__}_{id(self):x}"
+                    own = types.FunctionType(_run_blocks.__code__.replace(co_name=name), _run_blocks.__globals__,
+                                             name)
+                    self._decode_fns[kind] = torch.compile(own, dynamic=True,
+                                                           options={"guard_filter_fn": _decode_guards})
+            plan: list[tuple[Callable, int, tuple[Block, ...]]] = []
+            for i, layer in enumerate(layers):
+                fn = self._decode_fns[type(layer.mlp)]
+                if plan and plan[-1][0] is fn and len(plan[-1][2]) < DECODE_CHUNK:
+                    plan[-1] = (fn, plan[-1][1], plan[-1][2] + (layer,))
+                else:
+                    plan.append((fn, i, (layer,)))
+            contexts = (3, attention.FUSED_MAX_KEYS + 2)  # keys per step: both sides of the threshold
+            cache = self.new_cache(max(contexts) + 1)  # made as the engine makes its cache (outside inference mode)
+            with torch.inference_mode(), progress_bar("compiling the decode step", total=len(contexts) * len(plan),
+                                                      enabled=progress) as advance:
+                for keys in contexts:  # sizes distinct and none 1 (equal or unit sizes would be specialised on)
+                    batch = PagedBatch(cache, torch.tensor([keys - 1]), [(0, 1)], [torch.arange(keys)])
+                    positions = torch.tensor([[keys - 1]])
+                    rope = self.rotary(positions)
+                    h = self.model.embed_tokens(torch.tensor([[0]]))
+                    for fn, first, blocks in plan:
+                        h = fn(blocks, h, rope, positions, batch, first, self.attn_impl)
                         advance()
         except Exception as e:  # noqa: BLE001 — no compiler, or inductor refuses: the eager path is correct
             log.warning("compiled one-token decode unavailable (%s); staying eager", str(e).splitlines()[0][:200])
+            self._one_token_plan = None
             return False
         finally:
             for module in self.modules():
                 if isinstance(module, Gate):
                     module.reset_counters()
-        self._one_token_block = compiled
+        self._one_token_plan = plan
         return True
 
     def logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:

@@ -36,9 +36,10 @@ calibrated on), in this order:
    so every byte comes from memory — and, from `Transformer.compile_decode` on an in-memory model of the
    `tiny` preset's widths with the score probe's attention widths (4 layers, 1 dense + 3 MoE, 1,024-token
    vocabulary: 5.5 MB of weights, held in cache, so a block call costs what a block costs beyond reading its
-   weights), every block call timed over one-token steps at contexts 16-47, as `routed bench` decodes, and at
-   contexts 4,112-4,143: the cost per attention score (`compiled_score_ns`, from the difference of the two
-   medians) and the fixed cost per block call (`block_us`, the rest). Where nothing can be compiled (no C
+   weights), every one-token step timed (per block: over the layers) at contexts 16-47, as `routed bench`
+   decodes, and at contexts 4,112-4,143: the cost per attention score (`compiled_score_ns`, from the difference
+   of the two medians) and the fixed cost per block (`block_us`, the rest: the block's share of the step's
+   compiled calls). Where nothing can be compiled (no C
    compiler) these stay null, as the engine then stays eager.
 
 Cached per thread count in `~/.cache/routed/local_hardware.json`; an entry is re-measured when the CPU, the
@@ -86,7 +87,7 @@ class Hardware:
     naive_score_ns: float | None = None  # eager: ns per score of the naive form's causal query chunks (prefill)
     logit_ns: float | None = None  # eager: ns per logit element (fp32 cast and argmax)
     row_gb_s: float | None = None  # compiled one-row products (routed.model.gemv): weight GB/s; None: no compiler
-    block_us: float | None = None  # compiled one-token step: µs per decoder block call beyond its weight reads
+    block_us: float | None = None  # compiled one-token step: µs per decoder block beyond its weight reads
     compiled_score_ns: float | None = None  # ... and ns per attention score in it
 
     def describe(self) -> str:
@@ -318,7 +319,7 @@ def probe_local(copy_mib: int = 256, matmul_n: int = 2048, repeats: int = 5, com
                                else f"not measured: {why}")
         sources["block_us, compiled_score_ns"] = (
             "measured in a child process: Transformer.compile_decode on an in-memory model of tiny's widths with "
-            "the score probe's attention widths (1 dense + 3 MoE layers, weights in cache), every block call timed "
+            "the score probe's attention widths (1 dense + 3 MoE layers, weights in cache), every step timed per block "
             f"over one-token steps at contexts 16-47 and {16 + LONG_CONTEXT}-{47 + LONG_CONTEXT} (the second "
             "sweep over each), medians: per score from their difference, per block the rest"
             if fast else "not measured")
@@ -416,16 +417,16 @@ def _probe_compiled_here(threads: int, repeats: int, row_mib: int, layers: int =
     if not model.compile_decode():
         print(json.dumps({"error": "Transformer.compile_decode failed"}))
         return
-    block = model._one_token_block
-    calls: list[float] = []
+    calls: list[float] = []  # per one-token step: its compiled calls' time over the layers (time per block)
+    forward = model.forward_hidden
 
     def timed(*args: Any) -> Any:
         t0 = time.perf_counter()
-        out = block(*args)
-        calls.append(time.perf_counter() - t0)
+        out = forward(*args)
+        calls.append((time.perf_counter() - t0) / layers)
         return out
 
-    model._one_token_block = timed
+    model.forward_hidden = timed  # type: ignore[method-assign]
     short, long = 16, 16 + LONG_CONTEXT
     cache = model.new_cache(long + steps + 8)
     medians = {}
