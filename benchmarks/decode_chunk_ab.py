@@ -9,57 +9,25 @@ once per block at one block per call and once per chunk otherwise.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
 import time
 
-import torch
+from compiled_plans import interleaved, plan_with, setup  # benchmarks/compiled_plans.py
 
-from routed.bench import _decode
-from routed.config import EngineConfig
-from routed.engine.engine import LLMEngine
-from routed.loader import load_model
 from routed.model import deepseek_v3
-from routed.progress import progress_bar
-from routed.tokenizer import Tokenizer
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--quant", choices=("int8", "int4"))
-    ap.add_argument("--gen-len", type=int, default=32, help="tokens per round, after a 16-token prompt")
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    model = load_model(args.model, "bf16", progress=False, quant=args.quant)
-    load_s = time.perf_counter() - start
-    engine = LLMEngine(model, Tokenizer.from_pretrained(args.model),
-                       EngineConfig(routing_telemetry=False, enable_prefix_caching=False))
+    args, engine, load_s = setup(__doc__.splitlines()[0])
+    model = engine.model
     rng = random.Random(0)
-    plans = {f"{deepseek_v3.DECODE_CHUNK} blocks per call": model._one_token_plan}
-    saved, deepseek_v3.DECODE_CHUNK = deepseek_v3.DECODE_CHUNK, 1
-    model._decode_fns = {}  # fresh functions: one graph per block kind, one call per block
     start = time.perf_counter()
-    assert model.compile_decode()
+    plans = {f"{deepseek_v3.DECODE_CHUNK} blocks per call": model._one_token_plan,
+             "1 block per call": plan_with(model, deepseek_v3, "DECODE_CHUNK", 1)}
     compile_one_s = time.perf_counter() - start
-    deepseek_v3.DECODE_CHUNK = saved
-    plans["1 block per call"] = model._one_token_plan
-    rates: dict[str, list[float]] = {name: [] for name in plans}
-    with torch.inference_mode(), progress_bar("decode A/B", total=len(plans) * (args.rounds + 1)) as advance:
-        for plan in plans.values():  # warm-up
-            model._one_token_plan = plan
-            _decode(engine, 1, 8, rng)
-            advance()
-        for _ in range(args.rounds):
-            for name, plan in plans.items():
-                model._one_token_plan = plan
-                rates[name].append(_decode(engine, 1, args.gen_len, rng))
-                advance()
+    rates = interleaved(engine, plans, args.rounds, args.gen_len, rng)
     med = {name: statistics.median(v) for name, v in rates.items()}
     a, b = plans
     print(json.dumps({"quant": args.quant or "bf16", "gen_len": args.gen_len, "threads": args.threads,

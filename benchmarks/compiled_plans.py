@@ -1,0 +1,75 @@
+"""Shared by the compiled decode step's A/B scripts (decode_attention_ab.py, decode_chunk_ab.py): their
+arguments and model, a second compiled plan of the same model under another setting, and decode at batch 1
+through each plan in turn."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from routed.bench import _decode
+from routed.config import EngineConfig
+from routed.engine.engine import LLMEngine
+from routed.errors import RoutedError
+from routed.loader import load_model
+from routed.progress import progress_bar
+from routed.tokenizer import Tokenizer
+
+
+def setup(description: str) -> tuple[argparse.Namespace, LLMEngine, float]:
+    """The scripts' arguments, and an engine on the loaded model (telemetry off); the load's seconds."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--quant", choices=("int8", "int4"))
+    ap.add_argument("--gen-len", type=int, default=32, help="tokens per round, after a 16-token prompt")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    try:
+        model = load_model(args.model, "bf16", progress=False, quant=args.quant)
+    except RoutedError as e:
+        raise SystemExit(f"error: {e}") from None
+    load_s = time.perf_counter() - start
+    engine = LLMEngine(model, Tokenizer.from_pretrained(args.model),
+                       EngineConfig(routing_telemetry=False, enable_prefix_caching=False))
+    return args, engine, load_s
+
+
+def plan_with(model: Any, module: ModuleType, name: str, value: Any) -> list:
+    """The model's one-token plan compiled afresh (new functions) with `module.name = value` while it is traced;
+    the model keeps its current plan and the setting its value."""
+    current, saved = model._one_token_plan, getattr(module, name)
+    setattr(module, name, value)
+    model._decode_fns = {}
+    try:
+        if not model.compile_decode():
+            raise SystemExit("compiling the decode step failed (see the warning above)")
+        return model._one_token_plan
+    finally:
+        setattr(module, name, saved)
+        model._one_token_plan = current
+
+
+def interleaved(engine: LLMEngine, plans: dict[str, list], rounds: int, gen_len: int,
+                rng: random.Random) -> dict[str, list[float]]:
+    """Decode b1 tok/s through each plan, one warm-up each, then `rounds` rounds of every plan in turn."""
+    model = engine.model
+    rates: dict[str, list[float]] = {name: [] for name in plans}
+    with torch.inference_mode(), progress_bar("decode A/B", total=len(plans) * (rounds + 1)) as advance:
+        for plan in plans.values():
+            model._one_token_plan = plan
+            _decode(engine, 1, 8, rng)
+            advance()
+        for _ in range(rounds):
+            for name, plan in plans.items():
+                model._one_token_plan = plan
+                rates[name].append(_decode(engine, 1, gen_len, rng))
+                advance()
+    return rates
