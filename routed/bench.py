@@ -120,6 +120,7 @@ class ExpertsTouched:
         self.plan = getattr(self.model, "_one_token_plan", None)
         if self.plan is not None:
             self.model._one_token_plan = None
+
         def hook(_module: Any, inputs: Any, output: Any) -> None:
             self.by_tokens.setdefault(inputs[0].shape[0], []).append(int((output[1] > 0).sum()))
 

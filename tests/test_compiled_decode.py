@@ -1,7 +1,8 @@
 """The compiled one-token decode step (Transformer.compile_decode) equals its eager twin.
 
-With float, int8 and int4 weights (fp32 activations, so the two agree to rounding): same greedy tokens and log-probabilities, same latents in the cache, same routing telemetry; prefill and
-multi-sequence steps stay eager.
+With float, int8 and int4 weights (fp32 activations, so the two agree to rounding): same greedy tokens and
+log-probabilities, same latents in the cache, same routing counts over the run; prefill and multi-sequence
+steps stay eager. An engine with routing telemetry off gets a compiled step that does not count.
 """
 
 from __future__ import annotations

@@ -456,8 +456,8 @@ class Transformer(nn.Module):
         compiled function with the guards of `_decode_guards`.
 
         Compiled here, on a scratch cache, for both forms of the one-query attention (contexts up to
-        attention.FUSED_MAX_KEYS and beyond), so no step compiles on the way: ~25 s for `small` the first time
-        on a machine, ~3 s from inductor's on-disk cache. Called again (the engine does, after it sets routing
+        attention.FUSED_MAX_KEYS and beyond), so no step compiles on the way: ~1 min for `small` the first
+        time on a machine, ~3 s from inductor's on-disk cache. Called again (the engine does, after it sets routing
         telemetry on or off), it runs the same warm-up, which compiles only what the new settings need. If
         compiling fails it warns and stays eager. Multi-token steps (prefill, batches) stay eager.
         """

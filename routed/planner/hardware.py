@@ -39,8 +39,8 @@ calibrated on), in this order:
    weights), every one-token step timed (per block: over the layers) at contexts 16-47, as `routed bench`
    decodes, and at contexts 4,112-4,143: the cost per attention score (`compiled_score_ns`, from the difference
    of the two medians) and the fixed cost per block (`block_us`, the rest: the block's share of the step's
-   compiled calls). Where nothing can be compiled (no C
-   compiler) these stay null, as the engine then stays eager.
+   compiled calls). Where nothing can be compiled (no C compiler) these stay null, as the engine then stays
+   eager.
 
 Cached per thread count in `~/.cache/routed/local_hardware.json`; an entry is re-measured when the CPU, the
 torch version or the probe differ (delete the file to re-measure after a change the fingerprint cannot see).
