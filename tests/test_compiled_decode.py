@@ -127,3 +127,31 @@ def test_compiled_decode_follows_telemetry_switch(folder: Path) -> None:
     top_k = model.config.num_experts_per_tok
     # 5 prompt tokens and 9 decoded ones fed back (the 10th is never run), top_k experts each, in every layer
     assert [int(c.sum()) for c, _, _ in counts] == [(5 + 9) * top_k] * len(model.gates())
+
+
+def test_compiled_chunks_share_a_graph_across_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of the same length and kind share one compiled graph whatever layer they start at (a symbolic
+    `first`, the cache layer each block writes and reads): 2 blocks per call over a dense layer and 7 MoE layers
+    gives calls of 1, 2, 2, 2 and 1 blocks, the same tokens and log-probabilities as eager, no compile on the way."""
+    from routed.model import deepseek_v3
+
+    # widths of its own: inductor's on-disk cache keys a graph by its code, not by the FUSED_MAX_KEYS it was
+    # traced under, so a graph cached by the test above (threshold 12) would bring its narrower guard along
+    folder, _ = make_checkpoint(tmp_path / "ckpt", tokenizer=True, vocab_size=129280, hidden_size=48,
+                                num_hidden_layers=8)
+    monkeypatch.setattr(deepseek_v3, "DECODE_CHUNK", 2)
+    model = load_model(folder, torch.float32, progress=False)
+    prompts = [[100 + i for i in range(7)]]
+    eager, eager_counts, eager_cache = generate(model, folder, prompts)
+    assert model.compile_decode()
+    assert [(first, len(blocks)) for _, first, blocks in model._one_token_plan] == [(0, 1), (1, 2), (3, 2), (5, 2),
+                                                                                    (7, 1)]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    fast, fast_counts, fast_cache = generate(model, folder, prompts)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert fast[0][0] == eager[0][0]
+    torch.testing.assert_close(torch.tensor([lp for lp, _ in fast[0][1]]), torch.tensor([lp for lp, _ in eager[0][1]]),
+                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(fast_cache, eager_cache, rtol=1e-4, atol=1e-5)
+    for (c_e, _, _), (c_f, _, _) in zip(eager_counts, fast_counts):
+        assert torch.equal(c_f, c_e)

@@ -33,7 +33,9 @@ QUERY_CHUNK = 128  # prefill: queries per chunk of the causal (naive) form
 # compiled one-token step: up to this many keys the query's scores and output are fused multiply-sums, beyond it
 # two matmuls (one query, 16 heads, 2 threads: sums 34 / 117 / 404 / 1574 us at 17 / 256 / 1024 / 4096 keys,
 # matmuls 99 / 144 / 328 / 952). The compiled code holds one form: the compiler guards on the side of this
-# threshold a context is, and `Transformer.compile_decode` compiles both sides up front (none on the way)
+# threshold a context is, and `Transformer.compile_decode` compiles both sides up front (none on the way). A
+# constant: inductor's on-disk cache keys a graph by its code, so a graph cached under another threshold (tests,
+# benchmarks/decode_attention_ab.py) comes back with that run's guard — correct, but it may compile on the way
 FUSED_MAX_KEYS = 512
 
 
