@@ -103,7 +103,7 @@ class LLMEngine:
         for layer in model.mtp:  # the monitor reads the main layers' routers only
             layer.mlp.gate.counting = False
         if switched and getattr(model, "_one_token_plan", None) is not None:
-            model.compile_decode()  # the compiled step for this telemetry setting now, not at the first steps
+            model.compile_decode(progress=True)  # the compiled step for this telemetry setting now, not later
         self.requests: dict[str, Request] = {}
         self._text: dict[str, tuple[IncrementalDecoder, StopText]] = {}
         self._ids = itertools.count()
