@@ -110,13 +110,13 @@ def absorbed_attention(
         q_lat_BTHL = fold_queries(q_nope_BTHN, w_uk_HNL)
     q_BTHC = torch.cat([q_lat_BTHL, q_pe_BTHR], dim=-1)
 
-    if fused:  # short contexts: fused sums (a one-query bmm costs ~50 us of overhead); long: the matmuls
-        if latent_BSC.shape[1] <= FUSED_MAX_KEYS:
-            o_HL = _one_query_sums(scale, q_BTHC, latent_BSC, mask_BTS, L)
-        else:
-            o_HL = _latent_matmuls(scale, q_BTHC, latent_BSC, latent_BSC[..., :L], mask_BTS)[0, 0]
-        return (o_HL[:, None, :].float() * w_uv_HVL.float()).sum(-1).to(o_HL.dtype)[None, None]
-    return unfold_outputs(_latent_matmuls(scale, q_BTHC, latent_BSC, latent_BSC[..., :L], mask_BTS), w_uv_HVL)
+    if fused and latent_BSC.shape[1] <= FUSED_MAX_KEYS:  # a one-query bmm costs ~50 us of overhead: fused sums
+        o_lat_BTHL = _one_query_sums(scale, q_BTHC, latent_BSC, mask_BTS, L)[None, None]
+    else:
+        o_lat_BTHL = _latent_matmuls(scale, q_BTHC, latent_BSC, latent_BSC[..., :L], mask_BTS)
+    if fused:
+        return (o_lat_BTHL.float()[..., None, :] * w_uv_HVL.float()).sum(-1).to(o_lat_BTHL.dtype)
+    return unfold_outputs(o_lat_BTHL, w_uv_HVL)
 
 
 def fold_queries(q_nope_BTHN: torch.Tensor, w_uk_HNL: torch.Tensor) -> torch.Tensor:
