@@ -57,8 +57,8 @@ def test_compiled_decode_equals_eager_fp32(folder: Path, quant: str | None, monk
     eager, eager_counts, eager_cache = generate(model, folder, prompts)
     assert model.compile_decode()
     plan = model._one_token_plan
-    # consecutive blocks of one kind per call: the dense first layer, then the MoE layers
-    assert [(first, len(blocks)) for _, first, blocks in plan] == [(0, 1), (1, model.config.num_hidden_layers - 1)]
+    # up to DECODE_CHUNK consecutive blocks per call: the dense first layer and the MoE layers in one
+    assert [(first, len(blocks)) for _, first, blocks in plan] == [(0, model.config.num_hidden_layers)]
     calls = []
 
     def counted(fn):  # a compiled call, counted
@@ -130,9 +130,10 @@ def test_compiled_decode_follows_telemetry_switch(folder: Path) -> None:
 
 
 def test_compiled_chunks_share_a_graph_across_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Runs of the same length and kind share one compiled graph whatever layer they start at (a symbolic
-    `first`, the cache layer each block writes and reads): 2 blocks per call over a dense layer and 7 MoE layers
-    gives calls of 1, 2, 2, 2 and 1 blocks, the same tokens and log-probabilities as eager, no compile on the way."""
+    """Chunks of the same block kinds share one compiled graph whatever layer they start at (a symbolic `first`,
+    the cache layer each block writes and reads): 2 blocks per call over a dense layer and 7 MoE layers gives
+    calls of (dense, MoE) and three of (MoE, MoE) — two functions — with the same tokens and log-probabilities
+    as eager, and no compile on the way."""
     from routed.model import deepseek_v3
 
     # widths of its own: inductor's on-disk cache keys a graph by its code, not by the FUSED_MAX_KEYS it was
@@ -144,8 +145,9 @@ def test_compiled_chunks_share_a_graph_across_layers(tmp_path: Path, monkeypatch
     prompts = [[100 + i for i in range(7)]]
     eager, eager_counts, eager_cache = generate(model, folder, prompts)
     assert model.compile_decode()
-    assert [(first, len(blocks)) for _, first, blocks in model._one_token_plan] == [(0, 1), (1, 2), (3, 2), (5, 2),
-                                                                                    (7, 1)]
+    plan = model._one_token_plan
+    assert [(first, len(blocks)) for _, first, blocks in plan] == [(0, 2), (2, 2), (4, 2), (6, 2)]
+    assert plan[1][0] is plan[2][0] is plan[3][0] and plan[0][0] is not plan[1][0]
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     fast, fast_counts, fast_cache = generate(model, folder, prompts)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

@@ -291,9 +291,9 @@ def _run_blocks(blocks: tuple[Block, ...], h_BTD: torch.Tensor, rope: tuple[torc
     return h_BTD
 
 
-# The compiled one-token step: consecutive blocks of one kind (dense or MoE), at most this many per compiled
-# call. Every call costs ~0.3 ms besides its kernels (guards, the generated wrapper) — per block, ~15% of a
-# bf16 `small` step — while each distinct run length is one more graph to compile (~3 s per block, cold).
+# The compiled one-token step: consecutive blocks, at most this many per compiled call. Every call costs ~0.3-0.5
+# ms besides its kernels (guards, the generated wrapper) — per block, ~15% of a bf16 `small` step — while each
+# distinct run of block kinds is one more graph to compile (~3 s per block, cold).
 DECODE_CHUNK = 8
 # Guards a compiled decode call checks: those on its arguments (the step's tensors and sizes, the attention
 # impl), on the modules' tensors and plain attributes (dtypes, shapes, `Gate.counting`, hooks), and the global
@@ -398,7 +398,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k, dtype) for k in range(n_mtp))
         self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
         self.attn_impl = "auto"
-        self._decode_fns: dict[type, Callable] = {}  # compile_decode(): a compiled _run_blocks per block kind
+        self._decode_fns: dict[tuple[type, ...], Callable] = {}  # compile_decode(): per run of block kinds
         self._one_token_plan: list[tuple[Callable, int, tuple[Block, ...]]] | None = None  # (fn, first, blocks)
 
     @property
@@ -450,10 +450,11 @@ class Transformer(nn.Module):
         One-token steps are memory-bound GEMVs plus ~350 small ops per layer, most of them per-op overhead in
         eager PyTorch. Compiled (inductor, dynamic shapes), a block is a few fused loops: the one-row products
         as multiply-sums (`gemv.linear`), the chosen experts' weights read in place (`RoutedExperts._gathered`),
-        norms, RoPE, router and softmax fused around them. A compiled call runs up to DECODE_CHUNK consecutive
-        blocks of one kind (the compiler unrolls them and takes their weights as inputs: one graph per run
-        length, shared by every run of that length and kind), so a step is a few calls. Each kind has its own
-        compiled function with the guards of `_decode_guards`.
+        norms, RoPE, router and softmax fused around them. A compiled call runs DECODE_CHUNK consecutive blocks
+        (the compiler unrolls them and takes their weights as inputs), so a step is a few calls: `small`'s 8
+        layers one, DeepSeek-V3's 61 eight. Each run of block kinds (dense, MoE) has its own compiled function
+        with the guards of `_decode_guards`, whose graph every chunk of those kinds shares (V3: 3 dense + 5 MoE
+        blocks, then six chunks of 8 MoE blocks with one graph, then the last 5).
 
         Compiled here, on a scratch cache, for both forms of the one-query attention (contexts up to
         attention.FUSED_MAX_KEYS and beyond), so no step compiles on the way: ~1 min for `small` the first
@@ -471,25 +472,22 @@ class Transformer(nn.Module):
             torch.fx.experimental._config.use_duck_shape = False
             # a process may hold several models (tests, benchmarks), each with a few entries per function
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            for layer in layers:
-                # each model and block kind its own copy of the function: dynamo keeps compiled graphs per code
-                # object and tries a call's guards against each of them in turn, so sharing one would make every
-                # call walk the others' graphs first (small: bf16 decode 58.6 -> 48.2 tok/s once int8 and int4
-                # were compiled in the same process)
-                kind = type(layer.mlp)
-                if kind not in self._decode_fns:
-                    name = f"_run_blocks_{kind.__name__}_{id(self):x}"
+            plan: list[tuple[Callable, int, tuple[Block, ...]]] = []
+            for first in range(0, len(layers), DECODE_CHUNK):
+                blocks = tuple(layers[first : first + DECODE_CHUNK])
+                # each model and run of block kinds (dense, MoE, in order) its own copy of the function: dynamo
+                # keeps compiled graphs per code object and tries a call's guards against each of them in turn,
+                # so sharing one would make every call walk the others' graphs first (small: bf16 decode 58.6 ->
+                # 48.2 tok/s once int8 and int4 were compiled in the same process); and the guards do not
+                # check module classes (`_decode_guards`), so a graph must only ever see the kinds it traced
+                kinds = tuple(type(block.mlp) for block in blocks)
+                if kinds not in self._decode_fns:
+                    name = f"_run_blocks_{len(self._decode_fns)}_{id(self):x}"
                     own = types.FunctionType(_run_blocks.__code__.replace(co_name=name), _run_blocks.__globals__,
                                              name)
-                    self._decode_fns[kind] = torch.compile(own, dynamic=True,
-                                                           options={"guard_filter_fn": _decode_guards})
-            plan: list[tuple[Callable, int, tuple[Block, ...]]] = []
-            for i, layer in enumerate(layers):
-                fn = self._decode_fns[type(layer.mlp)]
-                if plan and plan[-1][0] is fn and len(plan[-1][2]) < DECODE_CHUNK:
-                    plan[-1] = (fn, plan[-1][1], plan[-1][2] + (layer,))
-                else:
-                    plan.append((fn, i, (layer,)))
+                    self._decode_fns[kinds] = torch.compile(own, dynamic=True,
+                                                            options={"guard_filter_fn": _decode_guards})
+                plan.append((self._decode_fns[kinds], first, blocks))
             contexts = (3, attention.FUSED_MAX_KEYS + 2)  # keys per step: both sides of the threshold
             cache = self.new_cache(max(contexts) + 1)  # made as the engine makes its cache (outside inference mode)
             with torch.inference_mode(), progress_bar("compiling the decode step", total=len(contexts) * len(plan),
