@@ -1,4 +1,4 @@
-"""Shared by the compiled decode step's A/B scripts (decode_attention_ab.py, decode_chunk_ab.py): their
+"""Shared by the compiled decode step's A/B scripts (decode_chunk_ab.py and ad hoc ones): their
 arguments and model, a second compiled plan of the same model under another setting, and decode at batch 1
 through each plan in turn."""
 

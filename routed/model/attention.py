@@ -30,13 +30,6 @@ import torch.nn.functional as F
 
 ATTN_IMPLS = ("auto", "absorb", "naive")
 QUERY_CHUNK = 128  # prefill: queries per chunk of the causal (naive) form
-# compiled one-token step: up to this many keys the query's scores and output are fused multiply-sums, beyond it
-# two matmuls (one query, 16 heads, 2 threads: sums 34 / 117 / 404 / 1574 us at 17 / 256 / 1024 / 4096 keys,
-# matmuls 99 / 144 / 328 / 952). The compiled code holds one form: the compiler guards on the side of this
-# threshold a context is, and `Transformer.compile_decode` compiles both sides up front (none on the way). A
-# constant: inductor's on-disk cache keys a graph by its code, so a graph cached under another threshold (tests,
-# benchmarks/decode_attention_ab.py) comes back with that run's guard — correct, but it may compile on the way
-FUSED_MAX_KEYS = 512
 
 
 def naive_attention(
@@ -110,10 +103,11 @@ def absorbed_attention(
         q_lat_BTHL = fold_queries(q_nope_BTHN, w_uk_HNL)
     q_BTHC = torch.cat([q_lat_BTHL, q_pe_BTHR], dim=-1)
 
-    if fused and latent_BSC.shape[1] <= FUSED_MAX_KEYS:  # a one-query bmm costs ~50 us of overhead: fused sums
-        o_lat_BTHL = _one_query_sums(scale, q_BTHC, latent_BSC, mask_BTS, L)[None, None]
-    else:
-        o_lat_BTHL = _latent_matmuls(scale, q_BTHC, latent_BSC, latent_BSC[..., :L], mask_BTS)
+    # the attention over the keys as two matmuls, in the compiled step too: there the keys are gathered from the
+    # paged cache by their slots, and the same products as fused multiply-sums read them through that index
+    # element by element (the output's sum runs across keys: strided, unvectorisable loads) — 0.96x at 16-48
+    # keys and 0.74x at ~400 of the matmuls' decode speed on `small` (BENCHMARKS.md)
+    o_lat_BTHL = _latent_matmuls(scale, q_BTHC, latent_BSC, latent_BSC[..., :L], mask_BTS)
     if fused:
         return (o_lat_BTHL.float()[..., None, :] * w_uv_HVL.float()).sum(-1).to(o_lat_BTHL.dtype)
     return unfold_outputs(o_lat_BTHL, w_uv_HVL)
@@ -135,16 +129,6 @@ def _latent_matmuls(scale: float, q_BTHC: torch.Tensor, latent_BSC: torch.Tensor
     scores_BHTS = torch.einsum("bthc,bsc->bhts", q_BTHC, latent_BSC).float() * scale
     probs_BHTS = _masked_softmax(scores_BHTS, mask_BTS).to(latent_BSC.dtype)
     return torch.einsum("bhts,bsx->bthx", probs_BHTS, values_BSX)
-
-
-def _one_query_sums(scale: float, q_BTHC: torch.Tensor, latent_BSC: torch.Tensor, mask_BTS: torch.Tensor,
-                    L: int) -> torch.Tensor:
-    """`_latent_matmuls` for one query (B = T = 1, values the first L latent columns) as multiply-sums, fp32
-    throughout: -> [H, L]."""
-    lat_SC = latent_BSC[0].float()
-    scores_HS = (q_BTHC[0, 0].float()[:, None, :] * lat_SC).sum(-1) * scale
-    probs_HS = F.softmax(scores_HS.masked_fill(~mask_BTS[0], float("-inf")), dim=-1)
-    return (probs_HS[:, :, None] * lat_SC[:, :L]).sum(1).to(latent_BSC.dtype)
 
 
 def _masked_softmax(scores_BHTS: torch.Tensor, mask_BTS: torch.Tensor) -> torch.Tensor:

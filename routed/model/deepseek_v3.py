@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from routed.config import ModelConfig, RopeConfig
-from routed.model import attention
 from routed.model.attention import ATTENTION, ATTN_IMPLS, PagedBatch, paged_attention
 from routed.model.experts import RoutedExperts
 from routed.model.gemv import Linear
@@ -456,9 +455,8 @@ class Transformer(nn.Module):
         with the guards of `_decode_guards`, whose graph every chunk of those kinds shares (V3: 3 dense + 5 MoE
         blocks, then six chunks of 8 MoE blocks with one graph, then the last 5).
 
-        Compiled here, on a scratch cache, for both forms of the one-query attention (contexts up to
-        attention.FUSED_MAX_KEYS and beyond), so no step compiles on the way: ~1 min for `small` the first
-        time on a machine, ~3 s from inductor's on-disk cache. Called again (the engine does, after it sets routing
+        Compiled here, by one step on a scratch cache (every size symbolic, so no later step compiles): ~35 s for
+        `small` the first time on a machine, ~2 s from inductor's on-disk cache. Called again (the engine does, after it sets routing
         telemetry on or off), it runs the same warm-up, which compiles only what the new settings need. If
         compiling fails it warns and stays eager. Multi-token steps (prefill, batches) stay eager.
         """
@@ -488,18 +486,18 @@ class Transformer(nn.Module):
                     self._decode_fns[kinds] = torch.compile(own, dynamic=True,
                                                             options={"guard_filter_fn": _decode_guards})
                 plan.append((self._decode_fns[kinds], first, blocks))
-            contexts = (3, attention.FUSED_MAX_KEYS + 2)  # keys per step: both sides of the threshold
-            cache = self.new_cache(max(contexts) + 1)  # made as the engine makes its cache (outside inference mode)
-            with torch.inference_mode(), progress_bar("compiling the decode step", total=len(contexts) * len(plan),
+            keys = 3  # keys of the warm-up step: a size that is neither 0 nor 1 (those would be specialised on)
+            cache = self.new_cache(keys + 1)  # made as the engine makes its cache (outside inference mode)
+            with torch.inference_mode(), progress_bar("compiling the decode step", total=len(plan),
                                                       enabled=progress) as advance:
-                for keys in contexts:  # sizes distinct and none 1 (equal or unit sizes would be specialised on)
-                    batch = PagedBatch(cache, torch.tensor([keys - 1]), [(0, 1)], [torch.arange(keys)])
-                    positions = torch.tensor([[keys - 1]])
-                    rope = self.rotary(positions)
-                    h = self.model.embed_tokens(torch.tensor([[0]]))
-                    for fn, first, blocks in plan:
-                        h = fn(blocks, h, rope, positions, batch, first, self.attn_impl)
-                        advance()
+                # the step's own tensors made in inference mode, as the engine's runner makes them
+                batch = PagedBatch(cache, torch.tensor([keys - 1]), [(0, 1)], [torch.arange(keys)])
+                positions = torch.tensor([[keys - 1]])
+                h = self.model.embed_tokens(torch.tensor([[0]]))
+                rope = self.rotary(positions)
+                for fn, first, blocks in plan:
+                    h = fn(blocks, h, rope, positions, batch, first, self.attn_impl)
+                    advance()
         except Exception as e:  # noqa: BLE001 — no compiler, or inductor refuses: the eager path is correct
             log.warning("compiled one-token decode unavailable (%s); staying eager", str(e).splitlines()[0][:200])
             self._one_token_plan = None
