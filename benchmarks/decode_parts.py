@@ -120,7 +120,7 @@ def main() -> None:
     for i, x in enumerate(model.model.layers):
         x.index = i
     fns, sizes = parts(model, args.context)
-    compiled = {name: torch.compile(fn, dynamic=False) for name, fn in fns.items()}
+    compiled = {name: torch.compile(fn, dynamic=True) for name, fn in fns.items()}  # as the decode step
     sweep = torch.ones(len(blocks) * sizes["block"] // 2, dtype=torch.bfloat16)
 
     def once(fn) -> float:
