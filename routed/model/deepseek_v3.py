@@ -456,9 +456,10 @@ class Transformer(nn.Module):
         blocks, then six chunks of 8 MoE blocks with one graph, then the last 5).
 
         Compiled here, by one step on a scratch cache (every size symbolic, so no later step compiles): ~35 s for
-        `small` the first time on a machine, ~2 s from inductor's on-disk cache. Called again (the engine does, after it sets routing
-        telemetry on or off), it runs the same warm-up, which compiles only what the new settings need. If
-        compiling fails it warns and stays eager. Multi-token steps (prefill, batches) stay eager.
+        `small` the first time on a machine, ~2 s from inductor's on-disk cache. Called again (the engine does,
+        after it sets routing telemetry on or off), it runs the same warm-up, which compiles only what the new
+        settings need. If compiling fails it warns and stays eager. Multi-token steps (prefill, batches) stay
+        eager.
         """
         layers = list(self.model.layers)
         try:
