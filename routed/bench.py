@@ -224,6 +224,7 @@ def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: 
         "dtype": dtype, "quant": quant, "max_ram_gb": max_ram_gb, "threads": torch.get_num_threads(),
         "engine": engine_info(model), "load_seconds": load_s,
         "weight_bytes": weight_bytes, "peak_rss_bytes": peak_rss, "memory_bandwidth_gbs": bandwidth,
+        "kv_cache_bytes": engine.runner.cache.numel() * engine.runner.cache.element_size(),
         "runs": runs,
     }
     if (ranks := engine.ranks()) is not None:  # (token, expert) pairs each rank computed over the whole bench

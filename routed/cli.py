@@ -268,8 +268,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"[bold]{args.model}[/bold] {args.dtype}{' ' + args.quant if args.quant else ''}, "
                   f"{result['threads']} threads: load {result['load_seconds']:.1f} s, weights "
-                  f"{result['weight_bytes'] / 1e9:.2f} GB, peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB "
-                  f"({result['peak_rss_bytes'] / result['weight_bytes']:.2f}x), copy bandwidth "
+                  f"{result['weight_bytes'] / 1e9:.2f} GB + KV cache {result['kv_cache_bytes'] / 1e9:.2f} GB, peak RSS "
+                  f"{result['peak_rss_bytes'] / 1e9:.2f} GB "
+                  f"({result['peak_rss_bytes'] / (result['weight_bytes'] + result['kv_cache_bytes']):.2f}x the "
+                  f"weights and cache), copy bandwidth "
                   f"{result['memory_bandwidth_gbs']:.1f} GB/s")
     table = Table("run", "tok/s (median)", "spread", "weight MB / step", "bandwidth floor tok/s", "of floor")
     for r in result["runs"]:

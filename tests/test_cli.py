@@ -91,6 +91,7 @@ def test_bench_json_and_quantize(tiny_preset: Path, tmp_path: Path) -> None:
     assert out["runs"][1]["weight_bytes_per_step"] < out["runs"][2]["weight_bytes_per_step"] < out["weight_bytes"]
     assert out["model"]["config"]["hidden_size"] == 128 and out["cost"]["usd_per_mtok_output"] > 0
     assert out["engine"]["compiled_decode"] is False and out["engine"]["gemv"] is False  # 68 MB: below 256 MiB
+    assert 0 < out["kv_cache_bytes"] <= 2**29  # the bench's engine: a latent cache of at most 0.5 GiB
     res = run("quantize", "--model", str(tiny_preset), "--to", "int8", "--out", str(tmp_path / "q8"),
               "--check-tokens", "64", "--json")
     assert res.returncode == 0, res.stderr
