@@ -14,9 +14,7 @@ import json
 import random
 import statistics
 import time
-import types
 
-import torch
 from compiled_plans import interleaved, plan_with, setup  # benchmarks/compiled_plans.py
 
 from routed.model import deepseek_v3
@@ -29,10 +27,7 @@ def kind_chunks(model: deepseek_v3.Transformer) -> list:
     for i, layer in enumerate(model.model.layers):
         kind = type(layer.mlp)
         if kind not in fns:
-            name = f"_kind_chunk_{kind.__name__}"
-            own = types.FunctionType(deepseek_v3._run_blocks.__code__.replace(co_name=name),
-                                     deepseek_v3._run_blocks.__globals__, name)
-            fns[kind] = torch.compile(own, dynamic=True, options={"guard_filter_fn": deepseek_v3._decode_guards})
+            fns[kind] = model.compiled_blocks_fn(f"_kind_chunk_{kind.__name__}")  # as routed compiles its plan
         if plan and plan[-1][0] is fns[kind] and len(plan[-1][2]) < deepseek_v3.DECODE_CHUNK:
             plan[-1] = (fns[kind], plan[-1][1], plan[-1][2] + (layer,))
         else:

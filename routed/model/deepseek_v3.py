@@ -471,24 +471,14 @@ class Transformer(nn.Module):
             torch.fx.experimental._config.use_duck_shape = False
             # a process may hold several models (tests, benchmarks), each with a few entries per function
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            # int4 weights run through PyTorch's int4 kernel, ~180 calls per token on `small` between the fused
-            # loops: their launches from C++ instead of the generated Python wrapper are 1.05x the int4 decode
-            # speed for a ~55 s longer first compile; the fused loops of float and int8 weights gain ~1%
-            options = {"guard_filter_fn": _decode_guards, "cpp_wrapper": self._int4_weights()}
             plan: list[tuple[Callable, int, tuple[Block, ...]]] = []
             for first in range(0, len(layers), DECODE_CHUNK):
                 blocks = tuple(layers[first : first + DECODE_CHUNK])
-                # each model and run of block kinds (dense, MoE, in order) its own copy of the function: dynamo
-                # keeps compiled graphs per code object and tries a call's guards against each of them in turn,
-                # so sharing one would make every call walk the others' graphs first (small: bf16 decode 58.6 ->
-                # 48.2 tok/s once int8 and int4 were compiled in the same process); and the guards do not
-                # check module classes (`_decode_guards`), so a graph must only ever see the kinds it traced
+                # each run of block kinds (dense, MoE, in order) its own function: the guards do not check
+                # module classes (`_decode_guards`), so a graph must only ever see the kinds it traced
                 kinds = tuple(type(block.mlp) for block in blocks)
                 if kinds not in self._decode_fns:
-                    name = f"_run_blocks_{len(self._decode_fns)}_{id(self):x}"
-                    own = types.FunctionType(_run_blocks.__code__.replace(co_name=name), _run_blocks.__globals__,
-                                             name)
-                    self._decode_fns[kinds] = torch.compile(own, dynamic=True, options=options)
+                    self._decode_fns[kinds] = self.compiled_blocks_fn(f"_run_blocks_{len(self._decode_fns)}")
                 plan.append((self._decode_fns[kinds], first, blocks))
             keys = 3  # keys of the warm-up step: a size that is neither 0 nor 1 (those would be specialised on)
             cache = self.new_cache(keys + 1)  # made as the engine makes its cache (outside inference mode)
@@ -513,8 +503,20 @@ class Transformer(nn.Module):
         self._one_token_plan = plan
         return True
 
-    def _int4_weights(self) -> bool:
-        return any(getattr(getattr(m, "fmt", None), "bits", None) == 4 for m in self.model.layers.modules())
+    def compiled_blocks_fn(self, name: str) -> Callable:
+        """`_run_blocks` compiled for this model's one-token steps: a copy of its own (code object `name` + this
+        model's id), dynamic shapes, the guards of `_decode_guards`.
+
+        Its own copy because dynamo keeps compiled graphs per code object and tries a call's guards against each
+        of them in turn: sharing one would make every call walk the others' graphs first (small: bf16 decode 58.6
+        -> 48.2 tok/s once int8 and int4 were compiled in the same process). int4 weights run through PyTorch's
+        int4 kernel, ~180 calls per token on `small` between the fused loops: launched from inductor's C++
+        wrapper instead of its generated Python, 1.05x the int4 decode speed for a ~55 s longer first compile;
+        the fused loops of float and int8 weights gain ~1% from it, so they keep the Python wrapper."""
+        name = f"{name}_{id(self):x}"
+        own = types.FunctionType(_run_blocks.__code__.replace(co_name=name), _run_blocks.__globals__, name)
+        int4 = any(getattr(getattr(m, "fmt", None), "bits", None) == 4 for m in self.model.layers.modules())
+        return torch.compile(own, dynamic=True, options={"guard_filter_fn": _decode_guards, "cpp_wrapper": int4})
 
     def logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_BTD).float()
