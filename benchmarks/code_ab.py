@@ -3,8 +3,9 @@ interleaved, on prefill (default) or on decode at a batch size (`--decode-batch 
 
 This VM's timings drift 2-5x between processes minutes apart, so a speed change is measured here by swapping
 the changed functions in and out of one loaded engine and alternating: a prefill (or B sequences decoding
---gen-len tokens) with the revision's code, then with the working tree's, and so on; figures are medians over
-the rounds, with the ratio. Eager paths only: the compiled one-token step keeps what it traced.
+--gen-len tokens) with the revision's code, then with the working tree's, the other way round in the next round
+(a fixed order favours one side), and so on; figures are medians over the rounds, with the ratio of the
+medians and the median of each round's ratio. Eager paths only: the compiled one-token step keeps what it traced.
 
     python benchmarks/code_ab.py --model checkpoints/small --base HEAD~1 --rounds 8 \
         --swap routed/model/attention.py:expand_keys,attend_expanded,paged_attention \
@@ -111,8 +112,8 @@ def main() -> None:
         for _ in range(args.warmup):
             run()
             advance()
-        for _ in range(args.rounds):
-            for side, swaps in sides.items():
+        for r in range(args.rounds):  # in reverse order every other round: no side always runs first
+            for side, swaps in (reversed(sides.items()) if r % 2 else sides.items()):
                 for module, functions in swaps:
                     install(module, functions)
                 rates[side].append(run())
@@ -121,7 +122,9 @@ def main() -> None:
     print(json.dumps({"base": args.base, "run": what, "threads": args.threads,
                       "tok_s_median": {k: round(v, 1) for k, v in med.items()},
                       "all": {k: " ".join(str(round(x)) for x in v) for k, v in rates.items()},
-                      "ratio": round(med["working tree"] / med["base"], 3)}, indent=2))
+                      "ratio": round(med["working tree"] / med["base"], 3),
+                      "ratio_per_round_median": round(statistics.median(
+                          w / b for w, b in zip(rates["working tree"], rates["base"])), 3)}, indent=2))
 
 
 if __name__ == "__main__":
