@@ -16,15 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from routed.model.gemv import linear
-from routed.model.streams import map_single_threaded
 from routed.quant.intq import (IntFormat, int4_linear, int8_linear, pack_int4, quantize_int4,
                                quantize_int8)
 
 EXPERT_IMPLS = ("grouped", "reference")
-# float experts on the CPU: the sorted rows are split over one single-threaded stream per intra-op thread
-# (routed.model.streams) when each gets at least this many — below it one stream on all threads (a decode
-# step's few rows: the hand-off would cost more than the split saves)
-MIN_ROWS_PER_STREAM = 32
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -147,38 +142,23 @@ class RoutedExperts(nn.Module):
         """Sort the (token, slot) pairs by expert and run each chosen expert once on all of its tokens; add the
         weighted outputs into the fp32 sum in that sorted order (each token's terms in expert order).
 
-        Float weights on the CPU: the experts in three `F.grouped_mm` calls over the sorted rows (the loop over
+        Float weights on the CPU: all experts in three `F.grouped_mm` calls over the sorted rows (the loop over
         experts runs in C++; per expert the Python loop below costs ~10 dispatches, ~0.1 ms — 448 experts per
-        512-token prefill on `small`), the rows split into equal spans, one per single-threaded stream (an
-        expert cut by a span's end runs in both). Quantized or offloaded experts: that loop, one expert at a
-        time."""
+        512-token prefill on `small`). Quantized or offloaded experts: that loop, one expert at a time."""
         K = ids_NK.shape[1]
         order = ids_NK.flatten().argsort(stable=True)
         token_of = order // K
         w_sorted = w_NK.flatten()[order].float().unsqueeze(-1)
         out = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)
         if self.fmt is None and self.store is None and x_ND.device.type == "cpu":  # CUDA's takes bf16 on sm90 only
-            ends = counts_E.cumsum(0)
-            rows = int(ends[-1])
+            offs = counts_E.cumsum(0).to(torch.int32)
+            x_sorted = x_ND.index_select(0, token_of)  # row copies (x[idx] copies element by element)
 
-            def run(span: tuple[int, int]) -> torch.Tensor:  # the sorted rows [a, b): their experts' outputs × w
-                a, b = span
-                first, last = (int(torch.searchsorted(ends, row, right=True)) for row in (a, b - 1))  # their experts
-                offs = (ends[first : last + 1] - a).clamp_(max=b - a).to(torch.int32)
-                x = x_ND.index_select(0, token_of[a:b])  # row copies (x[idx] copies element by element)
+            def proj(name: str, x: torch.Tensor) -> torch.Tensor:  # weights [E, out, in] -> per expert x @ w.T
+                return F.grouped_mm(x, getattr(self, name).transpose(1, 2), offs=offs)
 
-                def proj(name: str, x: torch.Tensor) -> torch.Tensor:  # weights [E, out, in]: x @ w.T per expert
-                    return F.grouped_mm(x, getattr(self, name)[first : last + 1].transpose(1, 2), offs=offs)
-
-                h = F.silu(proj("gate_proj", x)).mul_(proj("up_proj", x))
-                return proj("down_proj", h) * w_sorted[a:b]  # bf16 x fp32 promotes
-
-            threads = torch.get_num_threads()
-            streams = threads if rows >= MIN_ROWS_PER_STREAM * threads else 1
-            spans = [(rows * i // streams, rows * (i + 1) // streams) for i in range(streams)]  # equal row counts
-            for (a, b), y in zip(spans, map_single_threaded(run, spans) if streams > 1 else [run(spans[0])]):
-                out.index_add_(0, token_of[a:b], y)  # in row order: as one sorted scatter-add would add them
-            return out
+            h = F.silu(proj("gate_proj", x_sorted)).mul_(proj("up_proj", x_sorted))
+            return out.index_add_(0, token_of, proj("down_proj", h) * w_sorted)  # bf16 x fp32 promotes
         start = 0
         for e, count in enumerate(counts_E.tolist()):
             if count == 0:
