@@ -246,6 +246,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peak_rss_text(result: dict) -> str:
+    """'peak RSS 3.00 GB = 0.23 GB runtime + 1.26x the weights and cache': the runtime (Python, PyTorch, before
+    any weight) is a fixed cost that a small model's ratio would otherwise carry as if it grew with the weights."""
+    peak, sized = result["peak_rss_bytes"], result["weight_bytes"] + result["kv_cache_bytes"]
+    runtime = result.get("runtime_rss_bytes")
+    if runtime is None:
+        return f"peak RSS {peak / 1e9:.2f} GB ({peak / sized:.2f}x the weights and cache)"
+    return (f"peak RSS {peak / 1e9:.2f} GB = {runtime / 1e9:.2f} GB runtime + {(peak - runtime) / sized:.2f}x the "
+            f"weights and cache")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     _model_or_demo(args)
     from routed.bench import bench
@@ -268,11 +279,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"[bold]{args.model}[/bold] {args.dtype}{' ' + args.quant if args.quant else ''}, "
                   f"{result['threads']} threads: load {result['load_seconds']:.1f} s, weights "
-                  f"{result['weight_bytes'] / 1e9:.2f} GB + KV cache {result['kv_cache_bytes'] / 1e9:.2f} GB, peak RSS "
-                  f"{result['peak_rss_bytes'] / 1e9:.2f} GB "
-                  f"({result['peak_rss_bytes'] / (result['weight_bytes'] + result['kv_cache_bytes']):.2f}x the "
-                  f"weights and cache), copy bandwidth "
-                  f"{result['memory_bandwidth_gbs']:.1f} GB/s")
+                  f"{result['weight_bytes'] / 1e9:.2f} GB + KV cache {result['kv_cache_bytes'] / 1e9:.2f} GB, "
+                  f"{_peak_rss_text(result)}, copy bandwidth {result['memory_bandwidth_gbs']:.1f} GB/s")
     table = Table("run", "tok/s (median)", "spread", "weight MB / step", "bandwidth floor tok/s", "of floor")
     for r in result["runs"]:
         name = f"prefill {r['prompt_len']}" if r["kind"] == "prefill" else f"decode batch {r['batch']}"
