@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quant", choices=("int8", "int4"), help="quantize the model at load")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sides: dict[str, list[tuple[ModuleType, dict[str, object]]]] = {"base": [], "working tree": []}
@@ -94,7 +95,7 @@ def main() -> None:
             ap.error(f"--swap {spec}: not every one of {names!r} is in both {args.base} and the working tree")
         sides["base"].append((module, old))
         sides["working tree"].append((module, new))
-    model = load_model(args.model, "bf16", progress=False)
+    model = load_model(args.model, "bf16", progress=False, quant=args.quant)
     engine = LLMEngine(model, Tokenizer.from_pretrained(args.model),
                        EngineConfig(routing_telemetry=False, enable_prefix_caching=False,
                                     max_num_seqs=max(16, args.decode_batch or 0),
