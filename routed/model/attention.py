@@ -62,14 +62,17 @@ def expand_keys(latent_BSC: torch.Tensor, kv_b_HXL: torch.Tensor, N: int) -> tup
 def attend_expanded(q_nope_BTHN: torch.Tensor, q_pe_BTHR: torch.Tensor, k_BHSD: torch.Tensor, v_BHSV: torch.Tensor,
                     mask_BTS: torch.Tensor, scale: float, masked_from: int = 0) -> torch.Tensor:
     """Softmax attention over expanded keys. Keys before `masked_from` are visible to every query (a causal
-    chunk's settled prefix), so the mask is applied from there on only: the fp32 scores are scaled, masked and
-    normalised in place, the one pass over them that stays a broadcast (~4x cheaper than the masked_fill of
-    the whole [H, T, S] it replaces)."""
-    q_BHTD = torch.cat([q_nope_BTHN, q_pe_BTHR], dim=-1).transpose(1, 2)
-    scores_BHTS = torch.matmul(q_BHTD, k_BHSD.transpose(-1, -2)).float().mul_(scale)
+    chunk's settled prefix), so the mask is applied from there on only, in place (~4x cheaper than the
+    masked_fill of the whole [H, T, S] it replaces).
+
+    The scale goes into the queries (T rows, not T x S scores) and the scores stay in the inputs' dtype: the
+    softmax of bf16 scores accumulates in fp32 and writes bf16 probabilities in one pass, where widening the
+    scores to fp32, scaling, normalising and narrowing again made five (128 x 512, 16 heads: 1.8 vs 2.3 ms;
+    the error against an fp32 reference the same, as the scores were already rounded to bf16 by the matmul)."""
+    q_BHTD = torch.cat([q_nope_BTHN, q_pe_BTHR], dim=-1).mul_(scale).transpose(1, 2)
+    scores_BHTS = torch.matmul(q_BHTD, k_BHSD.transpose(-1, -2))
     scores_BHTS[..., masked_from:].masked_fill_(~mask_BTS[..., masked_from:].unsqueeze(1), float("-inf"))
-    probs_BHTS = F.softmax(scores_BHTS, dim=-1).to(v_BHSV.dtype)
-    return torch.matmul(probs_BHTS, v_BHSV).transpose(1, 2)
+    return torch.matmul(F.softmax(scores_BHTS, dim=-1), v_BHSV).transpose(1, 2)
 
 
 def use_naive(T: int, S: int, kv_b_HXL: torch.Tensor, N: int) -> bool:
