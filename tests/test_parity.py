@@ -80,6 +80,17 @@ def test_grouped_experts_match_reference_in_bf16(tokens: int) -> None:
     torch.testing.assert_close(fast, slow, rtol=8e-3, atol=1e-3)  # one bf16 rounding of the fp32 sums apart
 
 
+def test_bf16_softmax_is_fp32_softmax_rounded() -> None:
+    """attend_expanded takes the softmax of bf16 scores directly: that must be the fp32 softmax rounded once to
+    bf16 (spec trap 14: softmax in fp32), masked keys included."""
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randn(16, 128, 512, generator=g) * 4).bfloat16()
+    scores[..., 300:].masked_fill_(torch.rand(16, 128, 212, generator=g) < 0.5, float("-inf"))
+    probs = torch.nn.functional.softmax(scores, dim=-1)
+    assert probs.dtype == torch.bfloat16
+    assert torch.equal(probs, torch.nn.functional.softmax(scores.float(), dim=-1).bfloat16())
+
+
 def test_absorbed_equals_naive_in_bf16(ckpt: tuple[Path, Any]) -> None:
     folder, _ = ckpt
     model = routed.load_model(folder, torch.bfloat16, progress=False)

@@ -10,7 +10,8 @@ Both paths take the same inputs and return the per-head attention output before 
 
 Naive: expand every key and value per head through kv_b_proj (the reference, what transformers does).
 Absorbed: fold W_UK into the query and W_UV after attention, so attention runs over the 576-wide latent
-shared by all heads (MQA); only the latent is ever stored. Softmax is fp32 in both.
+shared by all heads (MQA); only the latent is ever stored. Softmax is fp32 in both (the naive form's
+takes bf16 scores, which PyTorch's softmax widens to fp32 and rounds once: the same result).
 
 `paged_attention` runs an engine step whose sequences keep their latents in a paged cache. With impl "auto"
 (the engine's) each sequence takes the form with fewer multiply-adds for its T queries over S keys (`use_naive`):
