@@ -26,7 +26,8 @@ def setup(description: str) -> tuple[argparse.Namespace, LLMEngine, float]:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", required=True)
     ap.add_argument("--quant", choices=("int8", "int4"))
-    ap.add_argument("--gen-len", type=int, default=32, help="tokens per round, after a 16-token prompt")
+    ap.add_argument("--gen-len", type=int, default=32, help="tokens per round, after the prompt")
+    ap.add_argument("--prompt-len", type=int, default=16, help="tokens of each round's prompt (default 16)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -58,7 +59,7 @@ def plan_with(model: Any, module: ModuleType, name: str, value: Any) -> list:
 
 
 def interleaved(engine: LLMEngine, plans: dict[str, list], rounds: int, gen_len: int,
-                rng: random.Random) -> dict[str, list[float]]:
+                rng: random.Random, prompt_len: int = 16) -> dict[str, list[float]]:
     """Decode b1 tok/s through each plan, one warm-up each, then `rounds` rounds of every plan in turn — in
     reverse order every other round, so that no plan always runs first (a fixed order read 1.04x for two plans
     that 14 alternating rounds put at 0.99x)."""
@@ -67,11 +68,11 @@ def interleaved(engine: LLMEngine, plans: dict[str, list], rounds: int, gen_len:
     with torch.inference_mode(), progress_bar("decode A/B", total=len(plans) * (rounds + 1)) as advance:
         for plan in plans.values():
             model._one_token_plan = plan
-            _decode(engine, 1, 8, rng)
+            _decode(engine, 1, 8, rng, prompt_len)
             advance()
         for r in range(rounds):
             for name, plan in (reversed(plans.items()) if r % 2 else plans.items()):
                 model._one_token_plan = plan
-                rates[name].append(_decode(engine, 1, gen_len, rng))
+                rates[name].append(_decode(engine, 1, gen_len, rng, prompt_len))
                 advance()
     return rates

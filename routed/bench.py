@@ -159,10 +159,10 @@ def _prefill(engine: LLMEngine, prompt_len: int, rng: random.Random) -> float:
     return prompt_len / (time.perf_counter() - start)
 
 
-def _decode(engine: LLMEngine, batch: int, gen_len: int, rng: random.Random) -> float:
+def _decode(engine: LLMEngine, batch: int, gen_len: int, rng: random.Random, prompt_len: int = 16) -> float:
     vocab = engine.model.config.vocab_size
     for _ in range(batch):
-        engine.add_request([rng.randrange(1000, vocab - 1) for _ in range(16)],
+        engine.add_request([rng.randrange(1000, vocab - 1) for _ in range(prompt_len)],
                            SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True))
     while any(r.num_computed < len(r.prompt_ids) for r in engine.requests.values()):
         engine.step()

@@ -91,15 +91,17 @@ def test_bf16_softmax_is_fp32_softmax_rounded() -> None:
     assert torch.equal(probs, torch.nn.functional.softmax(scores.float(), dim=-1).bfloat16())
 
 
-def test_absorbed_equals_naive_in_bf16(ckpt: tuple[Path, Any]) -> None:
+def test_absorbed_and_naive_in_bf16_track_fp32(ckpt: tuple[Path, Any]) -> None:
+    """Both attention forms in bf16 against the fp32 model: within bf16 noise of it (the absorbed form's latent
+    attention runs in fp32, the naive form's scores are bf16 — neither is the other's reference)."""
     folder, _ = ckpt
-    model = routed.load_model(folder, torch.bfloat16, progress=False)
     with torch.no_grad():
-        model.set_impl(attn="absorb")
-        absorbed = model(INPUT)
-        model.set_impl(attn="naive")
-        naive = model(INPUT)
-    # bf16 rounding can flip a near-tied routing choice for a token or two; the bulk must agree
-    mean_rel = ((absorbed - naive).abs().mean() / naive.abs().mean()).item()
-    agree = (absorbed.argmax(-1) == naive.argmax(-1)).float().mean().item()
-    assert mean_rel < 3e-2 and agree > 0.9, (mean_rel, agree)
+        reference = routed.load_model(folder, torch.float32, progress=False)(INPUT)
+        model = routed.load_model(folder, torch.bfloat16, progress=False)
+        for attn in ("absorb", "naive"):
+            model.set_impl(attn=attn)
+            logits = model(INPUT).float()
+            # bf16 rounding can flip a near-tied routing choice for a token or two; the bulk must agree
+            mean_rel = ((logits - reference).abs().mean() / reference.abs().mean()).item()
+            agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+            assert mean_rel < 5e-2 and agree > 0.9, (attn, mean_rel, agree)

@@ -111,7 +111,7 @@ def absorbed_attention(
     # paged cache by their slots, and the same products as fused multiply-sums read them through that index
     # element by element (the output's sum runs across keys: strided, unvectorisable loads) — 0.96x at 16-48
     # keys and 0.74x at ~400 of the matmuls' decode speed on `small` (BENCHMARKS.md)
-    o_lat_BTHL = _latent_matmuls(scale, q_BTHC, latent_BSC, latent_BSC[..., :L], mask_BTS)
+    o_lat_BTHL = _latent_matmuls(scale, q_BTHC, latent_BSC, L, mask_BTS)
     if fused:
         return (o_lat_BTHL.float()[..., None, :] * w_uv_HVL.float()).sum(-1).to(o_lat_BTHL.dtype)
     return unfold_outputs(o_lat_BTHL, w_uv_HVL)
@@ -127,12 +127,18 @@ def unfold_outputs(o_lat_BTHL: torch.Tensor, w_uv_HVL: torch.Tensor) -> torch.Te
     return torch.einsum("bthl,hvl->bthv", o_lat_BTHL, w_uv_HVL)
 
 
-def _latent_matmuls(scale: float, q_BTHC: torch.Tensor, latent_BSC: torch.Tensor, values_BSX: torch.Tensor,
+def _latent_matmuls(scale: float, q_BTHC: torch.Tensor, latent_BSC: torch.Tensor, L: int,
                     mask_BTS: torch.Tensor) -> torch.Tensor:
-    """Attention in the latent: -> the probability-weighted values [B, T, H, X] (values: latent columns)."""
-    scores_BHTS = torch.einsum("bthc,bsc->bhts", q_BTHC, latent_BSC).float() * scale
-    probs_BHTS = _masked_softmax(scores_BHTS, mask_BTS).to(latent_BSC.dtype)
-    return torch.einsum("bhts,bsx->bthx", probs_BHTS, values_BSX)
+    """Attention in the latent: -> the probability-weighted latents [B, T, H, L] (the values: latent[..., :L]).
+
+    In fp32 (inputs widened exactly, output rounded once): the scores reach the softmax unrounded, and on the
+    CPU the products skip oneDNN, which builds a bf16 kernel for each new shape — a decode step's context is
+    one key longer than the last, so every step's two bf16 products were new shapes (1.05-1.06x decode at
+    batch 1, contexts 16-48 and ~1000: BENCHMARKS.md)."""
+    latent_BSC = latent_BSC.float()
+    scores_BHTS = torch.einsum("bthc,bsc->bhts", q_BTHC.float(), latent_BSC) * scale
+    probs_BHTS = _masked_softmax(scores_BHTS, mask_BTS)
+    return torch.einsum("bhts,bsx->bthx", probs_BHTS, latent_BSC[..., :L]).to(q_BTHC.dtype)
 
 
 def _masked_softmax(scores_BHTS: torch.Tensor, mask_BTS: torch.Tensor) -> torch.Tensor:
@@ -210,8 +216,8 @@ def paged_attention(
         mask_TS = key_pos_S.unsqueeze(0) <= positions_BT[0, start:end].unsqueeze(1)
         if form == "absorb" and shared is not None:
             q_BTHC = torch.cat([q_lat_BRHL[:, row : row + T], q_pe_BTHR[:, start:end]], dim=-1)
-            o_lat_BRHL[:, row : row + T] = _latent_matmuls(scale, q_BTHC, keys_SC.unsqueeze(0),
-                                                           keys_SC[None, :, :L], mask_TS.unsqueeze(0))
+            o_lat_BRHL[:, row : row + T] = _latent_matmuls(scale, q_BTHC, keys_SC.unsqueeze(0), L,
+                                                           mask_TS.unsqueeze(0))
             row += T
             continue
         if form == "absorb":  # the compiled one-token step
