@@ -85,6 +85,40 @@ def test_int4_kernel_equals_dequantized_matmul(group: int, rows: int) -> None:
     assert ((out - ref).abs().max() / ref.abs().max()) < 1e-2
 
 
+@pytest.mark.parametrize("rows", [3, intq.DEQUANT_ROWS_INT4])  # the int4 kernel, and dequantize + GEMM
+def test_int4_merged_gate_up_equals_dequantized_swiglu(rows: int) -> None:
+    """At load, an int4 SwiGLU's gate and up (routed experts, dense and shared MLPs) become one packed weight;
+    each must still compute down(silu(gate x) * up x) with its own dequantized weights."""
+    from routed.model.deepseek_v3 import MLP
+    from routed.model.experts import RoutedExperts
+
+    g = torch.Generator().manual_seed(rows)
+    holder = torch.nn.Module()
+    holder.mlp, holder.experts = MLP(128, 96, torch.float32), RoutedExperts(4, 128, 64, torch.float32)
+    for w in holder.parameters():
+        w.data.copy_(torch.randn(w.shape, generator=g) * 0.1)
+    fmt = IntFormat(4, 32)
+    quantize_model(holder, fmt)
+    deq = {name: dequantize_int4(q.qweight, q.scales_zeros, 32) for name, q in holder.mlp.named_children()}
+    ex = holder.experts
+    deq_e = {p: [dequantize_int4(getattr(ex, f"{p}_qweight")[e], getattr(ex, f"{p}_scales_zeros")[e], 32)
+                 for e in range(4)] for p in ("gate_proj", "up_proj", "down_proj")}
+    finalize_model(holder)
+    assert hasattr(holder.mlp, "gate_up_proj") and not hasattr(holder.mlp, "gate_proj")
+    x = torch.randn(rows, 128, generator=g)
+    xb = x.bfloat16().float()  # the int4 kernel takes bf16 activations
+
+    def swiglu(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (torch.nn.functional.silu(v @ gate.T) * (v @ up.T)).bfloat16().float() @ down.T
+
+    ref = swiglu(deq["gate_proj"], deq["up_proj"], deq["down_proj"], xb)
+    with torch.no_grad():
+        torch.testing.assert_close(holder.mlp(x), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+        for e in range(4):
+            ref = swiglu(deq_e["gate_proj"][e], deq_e["up_proj"][e], deq_e["down_proj"][e], xb)
+            torch.testing.assert_close(ex.expert(e, x), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+
+
 def test_quantized_checkpoint_round_trips_and_routes_close(tmp_path: Path) -> None:
     folder, _ = make_checkpoint(tmp_path / "src", hidden_size=64, moe_intermediate_size=64, intermediate_size=128)
     ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0))

@@ -69,13 +69,21 @@ class RoutedExperts(nn.Module):
         self.fmt = fmt
 
     def finalize_(self) -> None:
-        """int4: pack every expert's weights for the CPU kernel and drop the unpacked copies."""
+        """int4: pack every expert's weights for the CPU kernel and drop the unpacked copies — gate and up as one
+        [2I, D] weight per expert (one kernel call for both: a one-token step's six experts 239 vs 290 us per
+        layer on `small`), its scales and zeros concatenated the same way."""
         if self.fmt is None or self.fmt.bits != 4:
             return
+        gate, up, down = self.gate_proj_qweight, self.up_proj_qweight, self.down_proj_qweight
+        E = len(gate)
+        self._packed["gate_up_proj"] = torch.stack([pack_int4(torch.cat([gate[e], up[e]])) for e in range(E)])
+        self._packed["gate_up_proj_scales_zeros"] = torch.cat([self.gate_proj_scales_zeros,
+                                                               self.up_proj_scales_zeros], dim=2)
+        self._packed["down_proj"] = torch.stack([pack_int4(down[e]) for e in range(E)])
         for name in PROJS:
-            q = getattr(self, f"{name}_qweight")
-            self._packed[name] = torch.stack([pack_int4(q[e]) for e in range(q.shape[0])])  # [E, ...]
             setattr(self, f"{name}_qweight", torch.empty(0, dtype=torch.uint8))
+        for name in ("gate_proj", "up_proj"):
+            setattr(self, f"{name}_scales_zeros", torch.empty(0, dtype=torch.bfloat16))
 
     def _proj(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.store is not None:
@@ -85,12 +93,16 @@ class RoutedExperts(nn.Module):
             return linear(x, getattr(self, name)[e])
         if self.fmt.bits == 8:
             return int8_linear(x, getattr(self, f"{name}_qweight")[e], getattr(self, f"{name}_scales")[e])
-        sz = getattr(self, f"{name}_scales_zeros")[e]
+        merged = name == "gate_up_proj"  # its scales are held with the packed weights, not as a buffer
+        sz = self._packed[f"{name}_scales_zeros"][e] if merged else getattr(self, f"{name}_scales_zeros")[e]
         return int4_linear(x, self._packed[name][e], sz, self.fmt.group_size, sz.shape[1])
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self._proj("gate_proj", e, x)) * self._proj("up_proj", e, x)
-        return self._proj("down_proj", e, h)
+        if "gate_up_proj" in self._packed:  # int4: gate and up in one product
+            gate, up = self._proj("gate_up_proj", e, x).chunk(2, dim=-1)
+        else:
+            gate, up = self._proj("gate_proj", e, x), self._proj("up_proj", e, x)
+        return self._proj("down_proj", e, F.silu(gate) * up)
 
     def forward(
         self, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor, impl: str = "grouped",

@@ -100,10 +100,29 @@ def quantize_model(model: nn.Module, fmt: IntFormat, from_weights: bool = True) 
                         else QLinear(child.in_features, child.out_features, fmt))
 
 
+def merge_int4_gate_up_(mlp: nn.Module) -> None:
+    """An int4 SwiGLU MLP's gate and up projections as one `gate_up_proj` QLinear (one kernel call for both,
+    as the routed experts' `finalize_`); `MLP.forward` takes it when present. Other formats stay as they are."""
+    gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
+    if not (isinstance(gate, QLinear) and isinstance(up, QLinear) and gate.fmt.bits == 4 and gate.fmt == up.fmt
+            and gate._packed is None and up._packed is None):
+        return
+    merged = QLinear(gate.in_features, gate.out_features + up.out_features, gate.fmt)
+    merged.qweight = torch.cat([gate.qweight, up.qweight])
+    merged.scales_zeros = torch.cat([gate.scales_zeros, up.scales_zeros], dim=1)
+    del mlp.gate_proj, mlp.up_proj
+    mlp.gate_up_proj = merged
+
+
 def finalize_model(model: nn.Module) -> None:
-    """Pack int4 weights for the CPU kernel; an int8 lm_head for 8-bit-activation products (`pack_rows_`)."""
+    """Pack int4 weights for the CPU kernel (a SwiGLU's gate and up as one weight); an int8 lm_head for
+    8-bit-activation products (`pack_rows_`)."""
+    from routed.model.deepseek_v3 import MLP
     from routed.model.experts import RoutedExperts
 
+    for module in list(model.modules()):
+        if isinstance(module, MLP):
+            merge_int4_gate_up_(module)
     for module in model.modules():
         if isinstance(module, (QLinear, RoutedExperts)):
             module.finalize_()
