@@ -450,7 +450,7 @@ class Transformer(nn.Module):
         """Compile the decoder for one-token steps (decode at batch 1); True if it is in use.
 
         One-token steps are memory-bound GEMVs plus ~350 small ops per layer, most of them per-op overhead in
-        eager PyTorch. Compiled (inductor, dynamic shapes), a block is a few fused loops: the one-row products
+        eager PyTorch. Compiled (inductor), a block is a few fused loops: the one-row products
         as multiply-sums (`gemv.linear`), the chosen experts' weights read in place (`RoutedExperts._gathered`),
         norms, RoPE, router and softmax fused around them. A compiled call runs DECODE_CHUNK consecutive blocks
         (the compiler unrolls them and takes their weights as inputs), so a step is a few calls: `small`'s 8
@@ -458,7 +458,10 @@ class Transformer(nn.Module):
         with the guards of `_decode_guards`, whose graph every chunk of those kinds shares (V3: 3 dense + 5 MoE
         blocks, then six chunks of 8 MoE blocks with one graph, then the last 5).
 
-        Compiled here, by one step on a scratch cache (every size symbolic, so no later step compiles): ~35 s for
+        Compiled here, by one step on a scratch cache whose sizes that change between steps — the context's keys,
+        the cache's slots — are marked symbolic, so no later step compiles; every other size (the weights') is a
+        constant of the graph, not an input read on each call (with all sizes symbolic, ~110 per call: int8
+        decode 1.09x, int4 1.05x, bf16 1.00x, benchmarks/decode_sizes_ab.py): ~35 s for
         `small` the first time on a machine, ~2 s from inductor's on-disk cache. Called again (the engine does,
         after it sets routing telemetry on or off), it runs the same warm-up, which compiles only what the new
         settings need. If compiling fails it warns and stays eager. Multi-token steps (prefill, batches) stay
@@ -489,6 +492,8 @@ class Transformer(nn.Module):
                                                       enabled=progress) as advance:
                 # the step's own tensors made in inference mode, as the engine's runner makes them
                 batch = PagedBatch(cache, torch.tensor([keys - 1]), [(0, 1)], [torch.arange(keys)])
+                torch._dynamo.mark_dynamic(cache, 1)  # the engine's cache: its slots
+                torch._dynamo.mark_dynamic(batch.key_slots[0], 0)  # the context: one key more each step
                 positions = torch.tensor([[keys - 1]])
                 h = self.model.embed_tokens(torch.tensor([[0]]))
                 rope = self.rotary(positions)
@@ -508,7 +513,7 @@ class Transformer(nn.Module):
 
     def compiled_blocks_fn(self, name: str) -> Callable:
         """`_run_blocks` compiled for this model's one-token steps: a copy of its own (code object `name` + this
-        model's id), dynamic shapes, the guards of `_decode_guards`.
+        model's id), the guards of `_decode_guards`; `compile_decode` marks which sizes are symbolic.
 
         Its own copy because dynamo keeps compiled graphs per code object and tries a call's guards against each
         of them in turn: sharing one would make every call walk the others' graphs first (small: bf16 decode 58.6
@@ -519,7 +524,7 @@ class Transformer(nn.Module):
         name = f"{name}_{id(self):x}"
         own = types.FunctionType(_run_blocks.__code__.replace(co_name=name), _run_blocks.__globals__, name)
         int4 = any(getattr(getattr(m, "fmt", None), "bits", None) == 4 for m in self.model.layers.modules())
-        return torch.compile(own, dynamic=True, options={"guard_filter_fn": _decode_guards, "cpp_wrapper": int4})
+        return torch.compile(own, dynamic=None, options={"guard_filter_fn": _decode_guards, "cpp_wrapper": int4})
 
     def logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_BTD).float()

@@ -1,0 +1,49 @@
+"""Decode at batch 1 in one process, interleaved: the compiled step with only the sizes that change between
+steps symbolic (the context's keys, the cache's slots: routed's `compile_decode`) against every size symbolic
+(`torch.compile(dynamic=True)`, before: each weight's sizes became graph inputs too, ~110 per call, read from
+the tensors and, with inductor's C++ wrapper, wrapped into tensors on every call).
+
+    python benchmarks/decode_sizes_ab.py --model checkpoints/small --rounds 8 [--quant int8|int4]
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import types
+
+import torch
+
+from compiled_plans import interleaved, plan_with, setup  # benchmarks/compiled_plans.py
+from routed.model import deepseek_v3
+
+
+def all_sizes_symbolic(model: deepseek_v3.Transformer):
+    def compiled_blocks_fn(name: str):
+        name = f"{name}_all_dynamic_{id(model):x}"
+        run = deepseek_v3._run_blocks
+        own = types.FunctionType(run.__code__.replace(co_name=name), run.__globals__, name)
+        int4 = any(getattr(getattr(m, "fmt", None), "bits", None) == 4 for m in model.model.layers.modules())
+        return torch.compile(own, dynamic=True, options={"guard_filter_fn": deepseek_v3._decode_guards,
+                                                         "cpp_wrapper": int4})
+    return compiled_blocks_fn
+
+
+def main() -> None:
+    args, engine, _ = setup(__doc__.splitlines()[0])
+    model = engine.model
+    plans = {"every size symbolic": plan_with(model, model, "compiled_blocks_fn", all_sizes_symbolic(model)),
+             "changing sizes symbolic": model._one_token_plan}
+    rates = interleaved(engine, plans, args.rounds, args.gen_len, random.Random(0), args.prompt_len)
+    a, b = plans
+    print(json.dumps({"quant": args.quant or "bf16", "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+                      "threads": args.threads,
+                      "decode_b1_tok_s_median": {k: round(statistics.median(v), 1) for k, v in rates.items()},
+                      "all": {k: " ".join(f"{x:.1f}" for x in v) for k, v in rates.items()},
+                      "ratio (median of rounds)": {f"{b} / {a}": round(statistics.median(
+                          y / x for x, y in zip(rates[a], rates[b])), 3)}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
