@@ -152,3 +152,42 @@ def test_compiled_chunks_share_a_graph_across_layers(tmp_path: Path, monkeypatch
     torch.testing.assert_close(fast_cache, eager_cache, rtol=1e-4, atol=1e-5)
     for (c_e, _, _), (c_f, _, _) in zip(eager_counts, fast_counts):
         assert torch.equal(c_f, c_e)
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_few_token_steps_gather_experts_as_grouped_does(folder: Path, quant: str | None) -> None:
+    """After compile_decode, eager steps of a few tokens (batched decode) run float and int8 experts through the
+    compiled `gathered` when `gather_pays` — equal to the grouped path, for any token count without a compile
+    after load; an engine decoding three sequences together gives the eager model's tokens."""
+    from routed.model.experts import RoutedExperts, gather_pays
+
+    def together(prompts: list[list[int]]) -> dict[str, list[int]]:
+        eng = LLMEngine(model, Tokenizer.from_pretrained(folder), EngineConfig())
+        for i, ids in enumerate(prompts):
+            eng.add_request(ids, PARAMS, f"r{i}")
+        tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+        while eng.has_unfinished():
+            for o in eng.step():
+                tokens[o.request_id] += o.new_token_ids
+        return tokens
+
+    model = load_model(folder, torch.float32, progress=False, quant=quant)
+    prompts = [[100 + i for i in range(9)], [5000, 17, 4242, 9], [7, 8, 9, 10, 11, 12]]
+    eager = together(prompts)
+    assert model.compile_decode()
+    experts = next(m for m in model.modules() if isinstance(m, RoutedExperts))
+    assert experts.few_tokens_fn is not None
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(0)
+    E, K = experts.num_experts, model.config.num_experts_per_tok
+    with torch.inference_mode():
+        for n in (2, 3, 5):  # 8 experts, top-2: 5 tokens' 10 pairs choose too few distinct ones -> grouped
+            assert gather_pays(n, K, E) == (n < 5)
+            x = torch.randn(n, model.config.hidden_size, generator=g)
+            ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(n)])
+            w = torch.rand(n, K, generator=g)
+            fast, counts = experts(x, ids, w)
+            grouped = experts._grouped(x, ids, w, counts)
+            torch.testing.assert_close(fast, grouped, rtol=1e-5, atol=1e-6)
+    assert together(prompts) == eager  # three sequences decoding together: 3-token steps
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

@@ -27,7 +27,7 @@ from torch import nn
 
 from routed.config import ModelConfig, RopeConfig
 from routed.model.attention import ATTENTION, ATTN_IMPLS, PagedBatch, paged_attention
-from routed.model.experts import RoutedExperts
+from routed.model.experts import RoutedExperts, gathered
 from routed.model.gemv import Linear
 from routed.progress import progress_bar
 
@@ -500,6 +500,7 @@ class Transformer(nn.Module):
                 for fn, first, blocks in plan:
                     h = fn(blocks, h, rope, positions, batch, first, self.attn_impl)
                     advance()
+                self._compile_few_tokens()
         except Exception as e:  # noqa: BLE001 — no compiler, or inductor refuses: the eager path is correct
             log.warning("compiled one-token decode unavailable (%s); staying eager", str(e).splitlines()[0][:200])
             self._one_token_plan = None
@@ -510,6 +511,29 @@ class Transformer(nn.Module):
                     module.reset_counters()
         self._one_token_plan = plan
         return True
+
+    def _compile_few_tokens(self) -> None:
+        """Eager steps of a few tokens (batched decode, MTP verification) run their float or int8 experts through
+        one compiled `experts.gathered` per model when that pays (`experts.gather_pays`); compiled here by one
+        warm-up call of 2 tokens, their count symbolic. Once per model; if it fails, the grouped path stays."""
+        experts = [m for m in self.modules() if isinstance(m, RoutedExperts) and m.store is None
+                   and (m.fmt is None or m.fmt.bits == 8)]
+        if not experts or experts[0].few_tokens_fn is not None:
+            return
+        moe = next(layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE))
+        name = f"_gathered_{id(self):x}"
+        own = types.FunctionType(gathered.__code__.replace(co_name=name), gathered.__globals__, name)
+        fn = torch.compile(own, dynamic=None)
+        try:
+            x = torch.randn(2, self.config.hidden_size, dtype=self.dtype)
+            ids, weights, _ = moe.gate(x)  # the dtypes the engine's steps bring
+            for m in experts:
+                m.few_tokens_fn = fn
+            moe.experts._gathered(x, ids, weights)
+        except Exception as e:  # noqa: BLE001 — the grouped path is correct
+            log.warning("compiled few-token experts unavailable (%s); grouped", str(e).splitlines()[0][:200])
+            for m in experts:
+                m.few_tokens_fn = None
 
     def compiled_blocks_fn(self, name: str) -> Callable:
         """`_run_blocks` compiled for this model's one-token steps: a copy of its own (code object `name` + this
