@@ -5,7 +5,9 @@ through each plan in turn."""
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import statistics
 import time
 from types import ModuleType
 from typing import Any
@@ -76,3 +78,16 @@ def interleaved(engine: LLMEngine, plans: dict[str, list], rounds: int, gen_len:
                 rates[name].append(_decode(engine, 1, gen_len, rng, prompt_len))
                 advance()
     return rates
+
+
+def compare(args: argparse.Namespace, engine: LLMEngine, before: list, after: list, names: tuple[str, str]) -> None:
+    """Decode b1 through two plans, interleaved (`interleaved`), and print the medians and the median of each
+    round's ratio after / before as JSON."""
+    a, b = names
+    rates = interleaved(engine, {a: before, b: after}, args.rounds, args.gen_len, random.Random(0), args.prompt_len)
+    print(json.dumps({"quant": args.quant or "bf16", "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+                      "threads": args.threads,
+                      "decode_b1_tok_s_median": {k: round(statistics.median(v), 1) for k, v in rates.items()},
+                      "all": {k: " ".join(f"{x:.1f}" for x in v) for k, v in rates.items()},
+                      "ratio (median of rounds)": {f"{b} / {a}": round(statistics.median(
+                          y / x for x, y in zip(rates[a], rates[b])), 3)}}, indent=2))

@@ -7,13 +7,10 @@ step, so each step's two bf16 products have a shape oneDNN has not seen, and it 
 
 from __future__ import annotations
 
-import json
-import random
-import statistics
 
 import torch
 
-from compiled_plans import interleaved, plan_with, setup  # benchmarks/compiled_plans.py
+from compiled_plans import compare, plan_with, setup  # benchmarks/compiled_plans.py
 from routed.model import attention
 
 
@@ -28,15 +25,8 @@ def bf16_latent_matmuls(scale: float, q_BTHC: torch.Tensor, latent_BSC: torch.Te
 def main() -> None:
     args, engine, _ = setup(__doc__.splitlines()[0])
     model = engine.model
-    plans = {"bf16 matmuls": plan_with(model, attention, "_latent_matmuls", bf16_latent_matmuls),
-             "fp32 matmuls": model._one_token_plan}
-    rates = interleaved(engine, plans, args.rounds, args.gen_len, random.Random(0), args.prompt_len)
-    a, b = plans
-    print(json.dumps({"quant": args.quant or "bf16", "prompt_len": args.prompt_len, "gen_len": args.gen_len, "threads": args.threads,
-                      "decode_b1_tok_s_median": {k: round(statistics.median(v), 1) for k, v in rates.items()},
-                      "all": {k: " ".join(f"{x:.1f}" for x in v) for k, v in rates.items()},
-                      "ratio (median of rounds)": {f"{b} / {a}": round(statistics.median(
-                          y / x for x, y in zip(rates[a], rates[b])), 3)}}, indent=2))
+    before = plan_with(model, attention, "_latent_matmuls", bf16_latent_matmuls)
+    compare(args, engine, before, model._one_token_plan, ("bf16 matmuls", "fp32 matmuls"))
 
 
 if __name__ == "__main__":

@@ -8,14 +8,11 @@ the tensors and, with inductor's C++ wrapper, wrapped into tensors on every call
 
 from __future__ import annotations
 
-import json
-import random
-import statistics
 import types
 
 import torch
 
-from compiled_plans import interleaved, plan_with, setup  # benchmarks/compiled_plans.py
+from compiled_plans import compare, plan_with, setup  # benchmarks/compiled_plans.py
 from routed.model import deepseek_v3
 
 
@@ -33,16 +30,8 @@ def all_sizes_symbolic(model: deepseek_v3.Transformer):
 def main() -> None:
     args, engine, _ = setup(__doc__.splitlines()[0])
     model = engine.model
-    plans = {"every size symbolic": plan_with(model, model, "compiled_blocks_fn", all_sizes_symbolic(model)),
-             "changing sizes symbolic": model._one_token_plan}
-    rates = interleaved(engine, plans, args.rounds, args.gen_len, random.Random(0), args.prompt_len)
-    a, b = plans
-    print(json.dumps({"quant": args.quant or "bf16", "prompt_len": args.prompt_len, "gen_len": args.gen_len,
-                      "threads": args.threads,
-                      "decode_b1_tok_s_median": {k: round(statistics.median(v), 1) for k, v in rates.items()},
-                      "all": {k: " ".join(f"{x:.1f}" for x in v) for k, v in rates.items()},
-                      "ratio (median of rounds)": {f"{b} / {a}": round(statistics.median(
-                          y / x for x, y in zip(rates[a], rates[b])), 3)}}, indent=2))
+    before = plan_with(model, model, "compiled_blocks_fn", all_sizes_symbolic(model))
+    compare(args, engine, before, model._one_token_plan, ("every size symbolic", "changing sizes symbolic"))
 
 
 if __name__ == "__main__":

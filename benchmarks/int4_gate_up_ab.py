@@ -8,14 +8,11 @@ per dense/shared MLP (routed's load, one int4 kernel call for both) against sepa
 
 from __future__ import annotations
 
-import json
-import random
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-from compiled_plans import interleaved, plan_with, setup  # benchmarks/compiled_plans.py
+from compiled_plans import compare, plan_with, setup  # benchmarks/compiled_plans.py
 from routed.model import deepseek_v3
 from routed.model.experts import RoutedExperts
 from routed.quant.intq import _packed_block
@@ -64,14 +61,7 @@ def main() -> None:
         separate = plan_with(model, RoutedExperts, "expert", expert_separate)
     finally:
         deepseek_v3.MLP.forward = saved
-    plans = {"separate gate, up": separate, "merged gate_up": model._one_token_plan}
-    rates = interleaved(engine, plans, args.rounds, args.gen_len, random.Random(0), args.prompt_len)
-    a, b = plans
-    print(json.dumps({"gen_len": args.gen_len, "threads": args.threads,
-                      "decode_b1_tok_s_median": {k: round(statistics.median(v), 1) for k, v in rates.items()},
-                      "all": {k: " ".join(f"{x:.1f}" for x in v) for k, v in rates.items()},
-                      "ratio (median of rounds)": {f"{b} / {a}": round(statistics.median(
-                          y / x for x, y in zip(rates[a], rates[b])), 3)}}, indent=2))
+    compare(args, engine, separate, model._one_token_plan, ("separate gate, up", "merged gate_up"))
 
 
 if __name__ == "__main__":
