@@ -1,4 +1,6 @@
-"""Routed-expert execution for one MoE layer: a reference loop and the grouped fast path.
+"""Routed-expert execution for one MoE layer: a reference loop, the grouped fast path (each chosen expert once
+over its tokens) and the gathered one (each (token, expert) pair's weights read in place: compiled, for the
+one-token block and for steps of a few tokens, `gather_pays`).
 
 Contract: `RoutedExperts(x_ND, topk_ids_NK, topk_weights_NK, impl)` returns `(y_ND, counts_E)` where
 `y[n] = Σ_k w[n,k] · Expert_{ids[n,k]}(x[n])` accumulated in fp32 and cast to x's dtype, and `counts[e]` is
@@ -152,8 +154,8 @@ class RoutedExperts(nn.Module):
             return y.to(out_dtype or x_ND.dtype), counts_E
         counts_E = torch.bincount(topk_ids_NK.flatten(), minlength=self.num_experts)
         N, K = topk_ids_NK.shape
-        if (impl == "grouped" and self.few_tokens_fn is not None and self.store is None and N >= 2
-                and (self.fmt is None or self.fmt.bits == 8) and gather_pays(N, K, self.num_experts)):
+        # few_tokens_fn: set for resident float and int8 experts by Transformer._compile_few_tokens
+        if impl == "grouped" and self.few_tokens_fn is not None and N >= 2 and gather_pays(N, K, self.num_experts):
             y = self._gathered(x_ND, topk_ids_NK, topk_weights_NK)
         elif impl == "grouped":
             y = self._grouped(x_ND, topk_ids_NK, topk_weights_NK, counts_E)
