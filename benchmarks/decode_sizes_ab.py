@@ -8,8 +8,6 @@ the tensors and, with inductor's C++ wrapper, wrapped into tensors on every call
 
 from __future__ import annotations
 
-import types
-
 import torch
 
 from compiled_plans import compare, plan_with, setup  # benchmarks/compiled_plans.py
@@ -18,9 +16,7 @@ from routed.model import deepseek_v3
 
 def all_sizes_symbolic(model: deepseek_v3.Transformer):
     def compiled_blocks_fn(name: str):
-        name = f"{name}_all_dynamic_{id(model):x}"
-        run = deepseek_v3._run_blocks
-        own = types.FunctionType(run.__code__.replace(co_name=name), run.__globals__, name)
+        own = deepseek_v3.own_copy(deepseek_v3._run_blocks, f"{name}_all_dynamic_{id(model):x}")
         int4 = any(getattr(getattr(m, "fmt", None), "bits", None) == 4 for m in model.model.layers.modules())
         return torch.compile(own, dynamic=True, options={"guard_filter_fn": deepseek_v3._decode_guards,
                                                          "cpp_wrapper": int4})

@@ -308,6 +308,12 @@ _LAYOUT_GUARDS = frozenset({"TYPE_MATCH", "ID_MATCH", "CLASS_MATCH", "NOT_PRESEN
                             "DUPLICATE_INPUT"})
 
 
+def own_copy(fn: Callable, name: str) -> Callable:
+    """`fn` as a new function whose code object is its own (named `name`): dynamo keeps compiled graphs per code
+    object, so each model compiles its own copy (see `Transformer.compiled_blocks_fn`)."""
+    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name)
+
+
 def _decode_guards(entries: list) -> list[bool]:
     return [e.guard_type in _STATE_GUARDS or not (
         e.is_global or (e.orig_guard.source.is_unspecialized_nn_module() and e.guard_type in _LAYOUT_GUARDS))
@@ -516,14 +522,11 @@ class Transformer(nn.Module):
         """Eager steps of a few tokens (batched decode, MTP verification) run their float or int8 experts through
         one compiled `experts.gathered` per model when that pays (`experts.gather_pays`); compiled here by one
         warm-up call of 2 tokens, their count symbolic. Once per model; if it fails, the grouped path stays."""
-        experts = [m for m in self.modules() if isinstance(m, RoutedExperts) and m.store is None
-                   and (m.fmt is None or m.fmt.bits == 8)]
+        experts = [m for m in self.modules() if isinstance(m, RoutedExperts) and m.gathers]
         if not experts or experts[0].few_tokens_fn is not None:
             return
         moe = next(layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE))
-        name = f"_gathered_{id(self):x}"
-        own = types.FunctionType(gathered.__code__.replace(co_name=name), gathered.__globals__, name)
-        fn = torch.compile(own, dynamic=None)
+        fn = torch.compile(own_copy(gathered, f"_gathered_{id(self):x}"), dynamic=None)
         try:
             x = torch.randn(2, self.config.hidden_size, dtype=self.dtype)
             ids, weights, _ = moe.gate(x)  # the dtypes the engine's steps bring
@@ -543,10 +546,9 @@ class Transformer(nn.Module):
         of them in turn: sharing one would make every call walk the others' graphs first (small: bf16 decode 58.6
         -> 48.2 tok/s once int8 and int4 were compiled in the same process). int4 weights run through PyTorch's
         int4 kernel, ~130 calls per token on `small` (gate and up merged) between the fused loops: launched from
-        inductor's C++ wrapper instead of its generated Python, 1.05x the int4 decode speed for a ~55 s longer first compile;
-        the fused loops of float and int8 weights gain ~1% from it, so they keep the Python wrapper."""
-        name = f"{name}_{id(self):x}"
-        own = types.FunctionType(_run_blocks.__code__.replace(co_name=name), _run_blocks.__globals__, name)
+        inductor's C++ wrapper instead of its generated Python, 1.05x the int4 decode speed for a ~55 s longer
+        first compile; the fused loops of float and int8 weights gain ~1% from it, so they keep the Python wrapper."""
+        own = own_copy(_run_blocks, f"{name}_{id(self):x}")
         int4 = any(getattr(getattr(m, "fmt", None), "bits", None) == 4 for m in self.model.layers.modules())
         return torch.compile(own, dynamic=None, options={"guard_filter_fn": _decode_guards, "cpp_wrapper": int4})
 

@@ -149,7 +149,7 @@ class RoutedExperts(nn.Module):
         if torch.compiler.is_compiling() and self.store is None:  # the one-token block (compile_decode)
             counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_ND.device).index_add_(
                 0, topk_ids_NK.flatten(), torch.ones_like(topk_ids_NK.flatten()))
-            y = (self._gathered(x_ND, topk_ids_NK, topk_weights_NK) if self.fmt is None or self.fmt.bits == 8
+            y = (self._gathered(x_ND, topk_ids_NK, topk_weights_NK) if self.gathers
                  else self._reference(x_ND, topk_ids_NK, topk_weights_NK))  # int4: ids read as sizes, views
             return y.to(out_dtype or x_ND.dtype), counts_E
         counts_E = torch.bincount(topk_ids_NK.flatten(), minlength=self.num_experts)
@@ -173,6 +173,11 @@ class RoutedExperts(nn.Module):
                 e = int(ids_NK[n, k])
                 out[n] += self.expert(e, x_ND[n : n + 1])[0].float() * w_NK[n, k].float()
         return out
+
+    @property
+    def gathers(self) -> bool:
+        """Resident float or int8 weights: what `gathered` reads in place (int4 and offloaded experts cannot)."""
+        return self.store is None and (self.fmt is None or self.fmt.bits == 8)
 
     def _gathered_weights(self) -> tuple[torch.Tensor, ...]:
         if self.fmt is None:
