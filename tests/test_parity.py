@@ -80,6 +80,25 @@ def test_grouped_experts_match_reference_in_bf16(tokens: int) -> None:
     torch.testing.assert_close(fast, slow, rtol=8e-3, atol=1e-3)  # one bf16 rounding of the fp32 sums apart
 
 
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 40])
+def test_gemm_pads_rows_to_a_multiple_and_equals_linear(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gemv.gemm: a bf16 product of 16 rows or more runs over zero-padded rows (a multiple of 16: oneDNN keeps a
+    kernel per shape), fewer rows as they are; the result is F.linear's on the real rows."""
+    from routed.model import gemv
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, rows, 96, generator=g).bfloat16()
+    w = torch.randn(48, 96, generator=g).bfloat16()
+    seen = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(gemv.F, "linear", lambda a, b, bias=None: seen.append(a.numel() // 96) or linear(a, b, bias))
+    with torch.inference_mode():
+        y = gemv.gemm(x, w)
+    assert y.shape == (1, rows, 48)
+    assert seen == [rows if rows < 16 else -(-rows // 16) * 16]
+    torch.testing.assert_close(y.float(), (x.float() @ w.float().T), rtol=1e-2, atol=1e-2)
+
+
 def test_bf16_softmax_is_fp32_softmax_rounded() -> None:
     """attend_expanded takes the softmax of bf16 scores directly: that must be the fp32 softmax rounded once to
     bf16 (spec trap 14: softmax in fp32), masked keys included."""

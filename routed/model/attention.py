@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from routed.model.gemv import gemm
+
 ATTN_IMPLS = ("auto", "absorb", "naive")
 QUERY_CHUNK = 128  # prefill: queries per chunk of the causal (naive) form
 
@@ -55,7 +57,7 @@ def expand_keys(latent_BSC: torch.Tensor, kv_b_HXL: torch.Tensor, N: int) -> tup
     H, X, L = kv_b_HXL.shape
     B, S, _ = latent_BSC.shape
     c_BSL, k_pe_BSR = latent_BSC[..., :L], latent_BSC[..., L:]
-    kv_BSHX = F.linear(c_BSL, kv_b_HXL.reshape(H * X, L)).view(B, S, H, X)
+    kv_BSHX = gemm(c_BSL, kv_b_HXL.reshape(H * X, L)).view(B, S, H, X)
     k_BHSD = torch.cat([kv_BSHX[..., :N].transpose(1, 2), k_pe_BSR.unsqueeze(1).expand(-1, H, -1, -1)], dim=-1)
     return k_BHSD, kv_BSHX[..., N:].transpose(1, 2)
 

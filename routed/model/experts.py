@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from routed.model.gemv import linear
+from routed.model.gemv import ROWS_MULTIPLE, linear
 from routed.quant.intq import (IntFormat, int4_linear, int8_linear, pack_int4, quantize_int4,
                                quantize_int8)
 
@@ -31,12 +31,6 @@ PROJS = ("gate_proj", "up_proj", "down_proj")
 # (~3x its bytes' time). `small`, same process: decode b8 (~1.4 pairs per distinct expert) 1.23x bf16 and 1.26x
 # int8; b16 (~1.9) 0.94x.
 GATHER_MAX_PAIRS_PER_EXPERT = 1.6
-# The grouped products give each expert a multiple of this many rows (zero rows appended). oneDNN compiles and
-# keeps a GEMM kernel per shape, and every prompt hands the experts new row counts: on `small` 12 prompts of 512
-# tokens grew the process by 0.31 GB of cached kernels (~270 counts x 2 shapes). Padded, the counts fall into a
-# few dozen buckets; the extra rows cost no measurable time (64 experts of one layer, counts from real prompts,
-# 6 alternating rounds: ~270 ms per prefill's experts unpadded, ~259 and ~270 padded to 8 and 16).
-GROUPED_ROWS_MULTIPLE = 16
 
 
 def gather_pays(tokens: int, k: int, num_experts: int) -> bool:
@@ -206,17 +200,19 @@ class RoutedExperts(nn.Module):
         """Sort the (token, slot) pairs by expert and run each chosen expert once on all of its tokens; add the
         weighted outputs into the fp32 sum in that sorted order (each token's terms in expert order).
 
-        Float weights on the CPU: all experts in three `F.grouped_mm` calls over the sorted rows, each expert's
-        padded to a multiple of GROUPED_ROWS_MULTIPLE (the loop over experts runs in C++; per expert the Python
-        loop below costs ~10 dispatches, ~0.1 ms — 448 experts per 512-token prefill on `small`). Quantized or offloaded experts: that loop, one expert at a time."""
+        Float weights on the CPU: all experts in three `F.grouped_mm` calls over the sorted rows (the loop over
+        experts runs in C++; per expert the Python loop below costs ~10 dispatches, ~0.1 ms — 448 experts per
+        512-token prefill on `small`), each expert's rows padded as `gemv.gemm` pads: 12 prompts of 512 tokens on
+        `small` grew the process by 0.55 GB before (cached GEMM kernels and heap), 0.08 after, and prefill ran
+        1.07-1.16x faster (fewer kernels built). Quantized or offloaded experts: that loop, one expert at a time."""
         K = ids_NK.shape[1]
         order = ids_NK.flatten().argsort(stable=True)
         token_of = order // K
         w_sorted = w_NK.flatten()[order].float().unsqueeze(-1)
         out = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)
         if self.fmt is None and self.store is None and x_ND.device.type == "cpu":  # CUDA's takes bf16 on sm90 only
-            m = GROUPED_ROWS_MULTIPLE
-            padded_E = (counts_E + m - 1) // m * m
+            m = ROWS_MULTIPLE  # gemv.gemm's padding, per expert (no 16-row product for a decode step's one)
+            padded_E = torch.where(counts_E < m, counts_E, (counts_E + m - 1) // m * m)
             offs = padded_E.cumsum(0)
             # sorted pair i (of expert e) goes to row i - start[e] + padded start[e]
             row = torch.arange(len(order)) + (offs - padded_E - counts_E.cumsum(0) + counts_E).repeat_interleave(
