@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from routed.config import ModelConfig
 from routed.errors import RoutedError
-from routed.malloc import keep_freed_memory
+from routed.malloc import keep_freed_memory, release_freed_memory
 from routed.model import gemv
 from routed.model.deepseek_v3 import Gate, MoE, Transformer
 from routed.model.experts import RoutedExperts
@@ -222,6 +222,7 @@ def load_model(
                         else:
                             dest.copy_(_read(name, infos, cfg))  # dtype change or FP8: convert
                     advance()
+    del state  # it holds every weight as loaded: finalize_model's packing must free the unpacked int4 ones
     for module in model.modules():
         if isinstance(module, Gate):
             module.reset_counters()  # to_empty left them uninitialised
@@ -234,6 +235,7 @@ def load_model(
             gemv.enable()
         if not (offloaded or shard is not None):
             model.compile_decode(progress=progress)
+    release_freed_memory()  # the load's transients, kept by keep_freed_memory's thresholds
     return model
 
 

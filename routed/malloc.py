@@ -7,8 +7,8 @@ free, so each such tensor costs a page fault per 4 KiB touched — on `small` a 
 its time there (its softmax, casts and gathers ran 5-10x slower than on warm memory). `keep_freed_memory()`
 raises the mmap threshold to glibc's maximum (32 MiB: larger blocks — weights, the cache — are still mapped
 on their own) and the trim threshold to 1 GiB, so freed blocks are reused warm. The cost: the process keeps
-up to its high-water mark of transient memory (as PyTorch's CUDA caching allocator does on a GPU). No-op where
-the C library is not glibc.
+up to its high-water mark of transient memory (as PyTorch's CUDA caching allocator does on a GPU), so the loader
+hands its own transients back when it is done (`release_freed_memory`). No-op where the C library is not glibc.
 """
 
 from __future__ import annotations
@@ -36,3 +36,14 @@ def keep_freed_memory() -> bool:
     if not ok:
         log.debug("not glibc, or mallopt refused: freed memory goes back to the system as usual")
     return ok
+
+
+def release_freed_memory() -> None:
+    """Return the heap's free pages to the system (glibc's `malloc_trim`): what a load's transients (weights read,
+    converted, quantized, packed) left free, which the thresholds above would otherwise keep resident."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

@@ -49,3 +49,28 @@ def test_freed_megabyte_tensors_are_reused_without_page_faults() -> None:
     assert r["ok"]
     assert r["before"] > 0.05 * pages, r  # glibc's defaults: blocks handed back and faulted in again
     assert r["after"] < 0.02 * pages, r
+
+
+RELEASE = r"""
+import json, torch
+from routed.malloc import keep_freed_memory, release_freed_memory
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+assert keep_freed_memory()
+xs = [torch.ones(1 << 20) for _ in range(64)]  # 256 MB in 4 MB blocks: below the mmap threshold, on the heap
+start = rss()
+del xs
+kept = rss()
+release_freed_memory()
+print(json.dumps({"start": start, "kept": kept, "released": rss()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _glibc(), reason="glibc's malloc only")
+def test_release_hands_the_kept_freed_memory_back() -> None:
+    """What keep_freed_memory keeps (a load's transients, say) release_freed_memory returns to the system."""
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["start"] - r["kept"] < 0.2 * 2**28, r  # freed, but kept by the raised thresholds
+    assert r["kept"] - r["released"] > 0.8 * 2**28, r  # handed back

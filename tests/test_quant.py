@@ -85,6 +85,16 @@ def test_int4_kernel_equals_dequantized_matmul(group: int, rows: int) -> None:
     assert ((out - ref).abs().max() / ref.abs().max()) < 1e-2
 
 
+def test_int4_packing_in_row_chunks_equals_packing_at_once() -> None:
+    """pack_int4 packs in row chunks (a large lm_head never widens to int32 whole): same bytes, read back exact."""
+    w = torch.randn(640, 256)
+    nibbles, sz = quantize_int4(w, 32)
+    at_once = pack_int4(nibbles, rows_per_chunk=640)
+    assert torch.equal(pack_int4(nibbles, rows_per_chunk=128), at_once)  # 5 chunks
+    assert torch.equal(pack_int4(nibbles, rows_per_chunk=256), at_once)  # the last chunk short
+    assert torch.equal(dequantize_packed_int4(at_once, sz, 32, 640, torch.float32), dequantize_int4(nibbles, sz, 32))
+
+
 @pytest.mark.parametrize("rows", [3, intq.DEQUANT_ROWS_INT4])  # the int4 kernel, and dequantize + GEMM
 def test_int4_merged_gate_up_equals_dequantized_swiglu(rows: int) -> None:
     """At load, an int4 SwiGLU's gate and up (routed experts, dense and shared MLPs) become one packed weight;

@@ -102,9 +102,15 @@ def dequantize_int4(nibbles: torch.Tensor, scales_zeros: torch.Tensor, group_siz
     return ((qg - 8) * scale[..., None] + zero[..., None]).view(N, K)
 
 
-def pack_int4(nibbles: torch.Tensor) -> torch.Tensor:
-    """Stored nibbles -> the int4 CPU kernel's weight layout."""
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles).to(torch.int32), INNER_K_TILES)
+def pack_int4(nibbles: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
+    """Stored nibbles -> the int4 CPU kernel's weight layout, in row chunks: the kernel's packing takes one int32
+    per weight (a 129280-row lm_head: 0.53 GB at once, the peak of loading an int4 `small`), and its layout keeps
+    rows in blocks of at most 128 (`_packed_block`), so chunks of a multiple of that concatenate to the whole."""
+    out = torch.empty(nibbles.shape, dtype=torch.uint8)
+    for start in range(0, nibbles.shape[0], rows_per_chunk):
+        chunk = unpack_nibbles(nibbles[start : start + rows_per_chunk]).to(torch.int32)
+        out[start : start + rows_per_chunk] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(chunk, INNER_K_TILES)
+    return out
 
 
 def _packed_block() -> int | None:
