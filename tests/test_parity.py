@@ -80,6 +80,32 @@ def test_grouped_experts_match_reference_in_bf16(tokens: int) -> None:
     torch.testing.assert_close(fast, slow, rtol=8e-3, atol=1e-3)  # one bf16 rounding of the fp32 sums apart
 
 
+def test_grouped_experts_give_each_expert_a_bucketed_row_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each expert's rows in the grouped products padded to a multiple of 16 (fewer than 16: as they are; oneDNN
+    keeps a kernel per shape); the result stays the reference's."""
+    from routed.model import experts as experts_mod
+
+    g = torch.Generator().manual_seed(1)
+    experts = experts_mod.RoutedExperts(16, 128, 64, torch.bfloat16)
+    for w in (experts.gate_proj, experts.up_proj, experts.down_proj):
+        w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+    x = torch.randn(300, 128, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(300)])
+    weights = torch.rand(300, 4, generator=g)
+    groups = []
+    grouped_mm = experts_mod.F.grouped_mm
+    monkeypatch.setattr(experts_mod.F, "grouped_mm", lambda a, b, offs: groups.append(
+        torch.diff(offs, prepend=offs.new_zeros(1)).tolist()) or grouped_mm(a, b, offs=offs))
+    with torch.inference_mode():
+        fast, counts = experts(x, ids, weights, "grouped")
+        slow, _ = experts(x, ids, weights, "reference")
+    rows = groups[0]
+    assert len(groups) == 3 and all(g == rows for g in groups)
+    assert rows == [c if c < 16 else -(-c // 16) * 16 for c in counts.tolist()]
+    assert any(c % 16 for c in counts.tolist() if c > 16)  # some padding happened
+    torch.testing.assert_close(fast, slow, rtol=8e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 40])
 def test_gemm_pads_rows_to_a_multiple_and_equals_linear(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """gemv.gemm: a bf16 product of 16 rows or more runs over zero-padded rows (a multiple of 16: oneDNN keeps a
