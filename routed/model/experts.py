@@ -211,21 +211,23 @@ class RoutedExperts(nn.Module):
         w_sorted = w_NK.flatten()[order].float().unsqueeze(-1)
         out = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)
         if self.fmt is None and self.store is None and x_ND.device.type == "cpu":  # CUDA's takes bf16 on sm90 only
-            m = ROWS_MULTIPLE  # gemv.gemm's padding, per expert (no 16-row product for a decode step's one)
+            m = ROWS_MULTIPLE  # gemv.gemm's padding, per expert (a decode step's 1-15 rows stay as they are)
             padded_E = torch.where(counts_E < m, counts_E, (counts_E + m - 1) // m * m)
             offs = padded_E.cumsum(0)
-            # sorted pair i (of expert e) goes to row i - start[e] + padded start[e]
-            row = torch.arange(len(order)) + (offs - padded_E - counts_E.cumsum(0) + counts_E).repeat_interleave(
-                counts_E, output_size=len(order))
-            x_sorted = x_ND.new_zeros(int(offs[-1]), x_ND.shape[1]).index_copy_(
-                0, row, x_ND.index_select(0, token_of))  # row copies (x[idx] copies element by element)
+            x_sorted = x_ND.index_select(0, token_of)  # row copies (x[idx] copies element by element)
+            row = None  # where each sorted pair's row lies among the padded ones, if any expert is padded
+            if int(offs[-1]) > len(order):
+                shift_E = (offs - padded_E) - (counts_E.cumsum(0) - counts_E)  # padded start - start, per expert
+                row = torch.arange(len(order)) + shift_E.repeat_interleave(counts_E, output_size=len(order))
+                x_sorted = x_sorted.new_zeros(int(offs[-1]), x_sorted.shape[1]).index_copy_(0, row, x_sorted)
             offs = offs.to(torch.int32)
 
             def proj(name: str, x: torch.Tensor) -> torch.Tensor:  # weights [E, out, in] -> per expert x @ w.T
                 return F.grouped_mm(x, getattr(self, name).transpose(1, 2), offs=offs)
 
             h = F.silu(proj("gate_proj", x_sorted)).mul_(proj("up_proj", x_sorted))
-            y = proj("down_proj", h).index_select(0, row)
+            y = proj("down_proj", h)
+            y = y if row is None else y.index_select(0, row)
             return out.index_add_(0, token_of, y * w_sorted)  # bf16 x fp32 promotes
         start = 0
         for e, count in enumerate(counts_E.tolist()):
