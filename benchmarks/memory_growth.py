@@ -18,9 +18,8 @@ import random
 import resource
 
 import torch
-import torch._inductor.compile_fx  # noqa: F401 — the compiler's code is runtime, as routed bench counts it
 
-from routed.bench import _prefill, _rss_bytes
+from routed.bench import _prefill, _rss_bytes, runtime_rss_bytes
 from routed.config import EngineConfig
 from routed.engine.engine import LLMEngine
 from routed.loader import load_model
@@ -40,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lo, _, hi = args.lengths.partition(":")
     lo, hi = int(lo), int(hi or lo)
-    runtime = _rss_bytes() or 0
+    runtime = runtime_rss_bytes() or 0
     gb = lambda: round(((_rss_bytes() or 0) - runtime) / 1e9, 3)  # noqa: E731
     out: dict = {"model": args.model, "quant": args.quant, "lengths": [lo, hi], "runtime_gb": round(runtime / 1e9, 3)}
     model = load_model(args.model, quant=args.quant, progress=False)

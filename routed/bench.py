@@ -85,6 +85,15 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def runtime_rss_bytes() -> int | None:
+    """Resident memory of Python, PyTorch with its compiler, and routed before any weight (~0.36 GB here): a fixed
+    cost. The compiler's code (inductor, dynamo, sympy: ~0.12 GB of modules, which the loader's compile imports) is
+    imported first, so that it counts as runtime, as the rest of PyTorch does, not against the weights."""
+    import torch._inductor.compile_fx  # noqa: F401
+
+    return _rss_bytes()
+
+
 def memory_bandwidth_gbs(mb: int = 64, repeats: int = 5) -> float:
     """Copy bandwidth (bytes read + written per second) of this machine, best of `repeats`. Two `mb` buffers,
     4x this machine's 32 MB L3 at the default: 256 MB ones read the same (29.7-32.0 against 29.6-30.8 GB/s,
@@ -178,11 +187,7 @@ def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: 
           compare_transformers: bool = False, progress: bool = True, max_ram_gb: float | None = None,
           ep: int = 1, placement: str | None = None, ep_timeout_s: float = 120.0) -> dict[str, Any]:
     bandwidth = memory_bandwidth_gbs()  # before the load: its buffers, freed since, never add to the weights' peak
-    # the compiler's code (inductor, dynamo, sympy: ~0.12 GB of modules, loaded by the loader's compile) is part of
-    # the runtime as the rest of PyTorch is: imported before the runtime is measured, not counted against weights
-    import torch._inductor.compile_fx  # noqa: F401
-
-    runtime_rss = _rss_bytes()  # Python, PyTorch with its compiler and routed before any weight: ~0.36 GB here
+    runtime_rss = runtime_rss_bytes()
     start = time.perf_counter()
     if ep > 1:  # expert parallelism: ranks 1.. on this machine share the cores with rank 0
         if max_ram_gb:

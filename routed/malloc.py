@@ -24,13 +24,20 @@ TRIM_THRESHOLD = 2**30
 
 
 @functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library the process already runs on, if it is glibc (once per process: cached)."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
+
+
+@functools.cache
 def keep_freed_memory() -> bool:
     """Set glibc's thresholds (once per process: cached); True if they are set."""
-    try:
-        libc = ctypes.CDLL(None)  # the C library the process already runs on
-    except OSError:
-        return False
-    ok = (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")
+    libc = _glibc()
+    ok = (libc is not None and hasattr(libc, "mallopt")
           and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
           and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
     if not ok:
@@ -41,9 +48,5 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> None:
     """Return the heap's free pages to the system (glibc's `malloc_trim`): what a load's transients (weights read,
     converted, quantized, packed) left free, which the thresholds above would otherwise keep resident."""
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
-        return
-    if hasattr(libc, "malloc_trim"):
+    if (libc := _glibc()) is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
