@@ -228,7 +228,9 @@ class RoutedExperts(nn.Module):
             h = F.silu(proj("gate_proj", x_sorted)).mul_(proj("up_proj", x_sorted))
             y = proj("down_proj", h)
             y = y if row is None else y.index_select(0, row)
-            return out.index_add_(0, token_of, y * w_sorted)  # bf16 x fp32 promotes
+            # the fp32 product float(y)·w that `y * w_sorted` promotes to, as one cast and an in-place product:
+            # a mixed-dtype product runs ~2x slower on the CPU
+            return out.index_add_(0, token_of, y.float().mul_(w_sorted))
         start = 0
         for e, count in enumerate(counts_E.tolist()):
             if count == 0:
