@@ -81,8 +81,8 @@ def test_grouped_experts_match_reference_in_bf16(tokens: int) -> None:
 
 
 def test_grouped_experts_give_each_expert_a_bucketed_row_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each expert's rows in the grouped products padded to a multiple of 16 (fewer than 16: as they are; oneDNN
-    keeps a kernel per shape); the result stays the reference's."""
+    """Each expert's rows in the grouped products padded to a multiple of EXPERT_ROWS_MULTIPLE (fewer: as they
+    are; oneDNN keeps a kernel per shape); the result stays the reference's."""
     from routed.model import experts as experts_mod
 
     g = torch.Generator().manual_seed(1)
@@ -101,8 +101,9 @@ def test_grouped_experts_give_each_expert_a_bucketed_row_count(monkeypatch: pyte
         slow, _ = experts(x, ids, weights, "reference")
     rows = groups[0]
     assert len(groups) == 3 and all(g == rows for g in groups)
-    assert rows == [c if c < 16 else -(-c // 16) * 16 for c in counts.tolist()]
-    assert any(c % 16 for c in counts.tolist() if c > 16)  # some padding happened
+    m = experts_mod.EXPERT_ROWS_MULTIPLE
+    assert rows == [c if c < m else -(-c // m) * m for c in counts.tolist()]
+    assert any(c % m for c in counts.tolist() if c > m)  # some padding happened
     torch.testing.assert_close(fast, slow, rtol=8e-3, atol=1e-3)
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from routed.model.gemv import ROWS_MULTIPLE, linear
+from routed.model.gemv import linear
 from routed.quant.intq import (IntFormat, int4_linear, int8_linear, pack_int4, quantize_int4,
                                quantize_int8)
 
@@ -31,6 +31,14 @@ PROJS = ("gate_proj", "up_proj", "down_proj")
 # (~3x its bytes' time). `small`, same process: decode b8 (~1.4 pairs per distinct expert) 1.23x bf16 and 1.26x
 # int8; b16 (~1.9) 0.94x.
 GATHER_MAX_PAIRS_PER_EXPERT = 1.6
+
+
+# Each expert's row count in the grouped products, from this on, padded to a multiple of it (oneDNN compiles and
+# keeps a kernel per GEMM shape, as in `gemv.gemm`). Padded to 16, 12 prompts of 512 tokens on `small` grew the
+# process by 0.08 GB instead of 0.55 (cached kernels and heap) and prefill ran 1.07-1.16x faster (fewer kernels
+# built); to 8, prefill runs 1.023-1.026x faster again (1/16 of the expert rows were padding, now half that;
+# benchmarks/code_ab.py, 10 rounds) for 0.285 GB of growth over 40 prompts of 16-512 tokens instead of 0.267.
+EXPERT_ROWS_MULTIPLE = 8
 
 
 def gather_pays(tokens: int, k: int, num_experts: int) -> bool:
@@ -202,16 +210,15 @@ class RoutedExperts(nn.Module):
 
         Float weights on the CPU: all experts in three `F.grouped_mm` calls over the sorted rows (the loop over
         experts runs in C++; per expert the Python loop below costs ~10 dispatches, ~0.1 ms — 448 experts per
-        512-token prefill on `small`), each expert's rows padded as `gemv.gemm` pads: 12 prompts of 512 tokens on
-        `small` grew the process by 0.55 GB before (cached GEMM kernels and heap), 0.08 after, and prefill ran
-        1.07-1.16x faster (fewer kernels built). Quantized or offloaded experts: that loop, one expert at a time."""
+        512-token prefill on `small`), each expert's rows padded with zeros as `gemv.gemm` pads, to a multiple of
+        EXPERT_ROWS_MULTIPLE. Quantized or offloaded experts: that loop, one expert at a time."""
         K = ids_NK.shape[1]
         order = ids_NK.flatten().argsort(stable=True)
         token_of = order // K
         w_sorted = w_NK.flatten()[order].float().unsqueeze(-1)
         out = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)
         if self.fmt is None and self.store is None and x_ND.device.type == "cpu":  # CUDA's takes bf16 on sm90 only
-            m = ROWS_MULTIPLE  # gemv.gemm's padding, per expert (a decode step's 1-15 rows stay as they are)
+            m = EXPERT_ROWS_MULTIPLE  # per expert (a decode step's 1-7 rows stay as they are)
             padded_E = torch.where(counts_E < m, counts_E, (counts_E + m - 1) // m * m)
             offs = padded_E.cumsum(0)
             x_sorted = x_ND.index_select(0, token_of)  # row copies (x[idx] copies element by element)
