@@ -95,6 +95,25 @@ def test_int4_packing_in_row_chunks_equals_packing_at_once() -> None:
     assert torch.equal(dequantize_packed_int4(at_once, sz, 32, 640, torch.float32), dequantize_int4(nibbles, sz, 32))
 
 
+def test_weights_widened_for_a_gemm_in_row_chunks_give_the_whole_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 and int4 GEMMs widen their weight in row chunks of ~DEQUANT_CHUNK weights (int4: whole blocks of the
+    packed layout, the last chunk short): the same result as widening it whole."""
+    w, x = torch.randn(448, 128), torch.randn(intq.DEQUANT_ROWS_INT4, 128, dtype=torch.bfloat16)
+    nibbles, sz = quantize_int4(w, 32)
+    packed = pack_int4(nibbles)
+    q, s = quantize_int8(w)
+    whole4, whole8 = int4_linear(x, packed, sz, 32, 448), int8_linear(x, q, s)
+    calls = []
+    gemm = intq.gemm
+    monkeypatch.setattr(intq, "gemm", lambda a, b: calls.append(b.shape[0]) or gemm(a, b))
+    monkeypatch.setattr(intq, "DEQUANT_CHUNK", 128 * 128)
+    assert torch.equal(int4_linear(x, packed, sz, 32, 448), whole4)
+    assert calls == [128, 128, 128, 64]  # the packed layout's blocks are 16-128 rows: 128 is whole blocks
+    calls.clear()
+    assert torch.equal(int8_linear(x, q, s), whole8)
+    assert calls == [128, 128, 128, 64]
+
+
 @pytest.mark.parametrize("rows", [3, intq.DEQUANT_ROWS_INT4])  # the int4 kernel, and dequantize + GEMM
 def test_int4_merged_gate_up_equals_dequantized_swiglu(rows: int) -> None:
     """At load, an int4 SwiGLU's gate and up (routed experts, dense and shared MLPs) become one packed weight;

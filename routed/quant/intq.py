@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,10 @@ INNER_K_TILES = 2
 # 96; 48 rows 303 vs ~445 µs, 128 rows 810 vs ~630). Prefill's dense products take it; most experts' do not.
 DEQUANT_ROWS_INT8 = 32
 DEQUANT_ROWS_INT4 = 96
+# A weight widened for a GEMM is widened in row chunks of about this many weights, so the transients stay a few
+# MB whatever the weight (DeepSeek-V3's o_proj, 117 M weights, widened whole to bf16 through int4's fp32 steps:
+# ~1.2 GB at once). `small`'s experts (1 M weights each) take one chunk; its dense MLP (5.8 M) six.
+DEQUANT_CHUNK = 2**20
 
 
 @dataclass(slots=True, frozen=True)
@@ -152,13 +157,28 @@ def dequantize_packed_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, gro
     return torch.addcmul(sz[..., 1], q_GgN.float() - 8, sz[..., 0]).to(dtype).view(K, N).t()
 
 
+def widened_gemm(x: torch.Tensor, widen: Callable[[int, int], torch.Tensor], out_features: int,
+                 align: int = 1) -> torch.Tensor:
+    """x Wᵀ for a quantized W, widened to x's dtype for the float GEMM a row chunk at a time: `widen(n0, n1)` gives
+    W[n0:n1] (chunks of a multiple of `align` rows, about DEQUANT_CHUNK weights each)."""
+    step = max(align, DEQUANT_CHUNK // x.shape[-1] // align * align)
+    if out_features <= step:
+        return gemm(x, widen(0, out_features))
+    out = x.new_empty(*x.shape[:-1], out_features)
+    for n0 in range(0, out_features, step):
+        n1 = min(out_features, n0 + step)
+        out[..., n0:n1] = gemm(x, widen(n0, n1))
+    return out
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     if torch.compiler.is_compiling() and x.numel() == q.shape[-1]:  # one row in a compiled block: fused
         return ((q.float() * x.reshape(-1).float()).sum(-1) * scale.to(x.dtype).float()).to(x.dtype).view(
             *shape[:-1], q.shape[0])
-    if x.numel() >= DEQUANT_ROWS_INT8 * q.shape[-1]:  # a GEMM: widen the weight once, then the float matmul
-        return gemm(x, q * scale.to(x.dtype)[:, None])  # one pass (int8 x bf16 promotes): 0.64x the time of two
+    if x.numel() >= DEQUANT_ROWS_INT8 * q.shape[-1]:  # a GEMM: widen the weight, then the float matmul
+        s = scale.to(x.dtype)[:, None]  # one pass (int8 x bf16 promotes): 0.64x the time of two
+        return widened_gemm(x, lambda n0, n1: q[n0:n1] * s[n0:n1], q.shape[0])
     out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), q, scale.to(x.dtype))
     return out.view(*shape[:-1], q.shape[0])
 
@@ -200,9 +220,11 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
                 out_features: int) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x2.shape[0] >= DEQUANT_ROWS_INT4 and (w := dequantize_packed_int4(packed, scales_zeros, group_size, out_features,
-                                                                    x.dtype)) is not None:
-        return gemm(x, w)  # a GEMM: widen the weight once, then the float matmul
+    block = _packed_block()
+    if x2.shape[0] >= DEQUANT_ROWS_INT4 and block is not None and out_features % block == 0:
+        # a GEMM: widen the weight (row chunks of whole blocks of the packed layout), then the float matmul
+        return widened_gemm(x, lambda n0, n1: dequantize_packed_int4(packed[n0:n1], scales_zeros[:, n0:n1], group_size,
+                                                                     n1 - n0, x.dtype), out_features, block)
     if x2.dtype != torch.bfloat16:  # the int4 CPU kernel takes bf16 activations
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.bfloat16(), packed, group_size, scales_zeros)
         out = out.to(x.dtype)
