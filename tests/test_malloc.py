@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import subprocess
 import sys
 
@@ -74,3 +75,16 @@ def test_release_hands_the_kept_freed_memory_back() -> None:
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["start"] - r["kept"] < 0.2 * 2**28, r  # freed, but kept by the raised thresholds
     assert r["kept"] - r["released"] > 0.8 * 2**28, r  # handed back
+
+
+def test_importing_routed_caps_the_gemm_kernel_caches_unless_the_environment_sets_them() -> None:
+    """Both kernel caches read their capacity once, at their first kernel: routed sets it when imported."""
+    from routed.malloc import KERNEL_CACHE_CAPACITY, KERNEL_CACHE_VARS
+
+    code = "import json, os, routed; print(json.dumps({v: os.environ.get(v) for v in %r}))" % (KERNEL_CACHE_VARS,)
+    env = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHE_VARS}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(out.stdout) == {v: str(KERNEL_CACHE_CAPACITY) for v in KERNEL_CACHE_VARS}
+    env["LRU_CACHE_CAPACITY"] = "7"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(out.stdout)["LRU_CACHE_CAPACITY"] == "7"
