@@ -216,28 +216,30 @@ class RoutedExperts(nn.Module):
         order = ids_NK.flatten().argsort(stable=True)
         token_of = order // K
         w_sorted = w_NK.flatten()[order].float().unsqueeze(-1)
-        out = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)
         if self.fmt is None and self.store is None and x_ND.device.type == "cpu":  # CUDA's takes bf16 on sm90 only
             m = EXPERT_ROWS_MULTIPLE  # per expert (a decode step's 1-7 rows stay as they are)
             padded_E = torch.where(counts_E < m, counts_E, (counts_E + m - 1) // m * m)
             offs = padded_E.cumsum(0)
-            x_sorted = x_ND.index_select(0, token_of)  # row copies (x[idx] copies element by element)
-            row = None  # where each sorted pair's row lies among the padded ones, if any expert is padded
-            if int(offs[-1]) > len(order):
+            rows, (N, D) = int(offs[-1]), x_ND.shape
+            src, w_rows = token_of, w_sorted  # per product row: the token it reads and adds into, its weight
+            out = torch.zeros(N + (rows > len(order)), D, dtype=torch.float32, device=x_ND.device)
+            if rows > len(order):  # padding rows read a zero row appended to x, add (weighted 0) into row N of out
                 shift_E = (offs - padded_E) - (counts_E.cumsum(0) - counts_E)  # padded start - start, per expert
                 row = torch.arange(len(order)) + shift_E.repeat_interleave(counts_E, output_size=len(order))
-                x_sorted = x_sorted.new_zeros(int(offs[-1]), x_sorted.shape[1]).index_copy_(0, row, x_sorted)
+                src = torch.full((rows,), N, dtype=token_of.dtype).index_copy_(0, row, token_of)
+                w_rows = w_sorted.new_zeros(rows, 1).index_copy_(0, row, w_sorted)
+                x_ND = torch.cat([x_ND, x_ND.new_zeros(1, D)])
+            x_rows = x_ND.index_select(0, src)  # row copies (x[idx] copies element by element)
             offs = offs.to(torch.int32)
 
             def proj(name: str, x: torch.Tensor) -> torch.Tensor:  # weights [E, out, in] -> per expert x @ w.T
                 return F.grouped_mm(x, getattr(self, name).transpose(1, 2), offs=offs)
 
-            h = F.silu(proj("gate_proj", x_sorted)).mul_(proj("up_proj", x_sorted))
-            y = proj("down_proj", h)
-            y = y if row is None else y.index_select(0, row)
-            # the fp32 product float(y)·w that `y * w_sorted` promotes to, as one cast and an in-place product:
-            # a mixed-dtype product runs ~2x slower on the CPU
-            return out.index_add_(0, token_of, y.float().mul_(w_sorted))
+            h = F.silu(proj("gate_proj", x_rows)).mul_(proj("up_proj", x_rows))
+            # the fp32 product float(y)·w that `y * w_rows` promotes to, as one cast and an in-place product:
+            # a mixed-dtype product runs ~2x slower on the CPU; a padding row's y is 0 (its x is), its weight 0
+            return out.index_add_(0, src, proj("down_proj", h).float().mul_(w_rows))[:N]
+        out = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)
         start = 0
         for e, count in enumerate(counts_E.tolist()):
             if count == 0:
