@@ -107,6 +107,35 @@ def test_grouped_experts_give_each_expert_a_bucketed_row_count(monkeypatch: pyte
     torch.testing.assert_close(fast, slow, rtol=8e-3, atol=1e-3)
 
 
+def test_finalized_float_experts_run_gate_and_up_as_one_grouped_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After finalize_, gate_proj and up_proj are the halves of one [E, 2I, D] tensor (same values) and the grouped
+    path runs them as one product: two grouped products instead of three, the result as before (bf16; fp32 stays
+    split: its GEMM rounds differently at 2I columns, and the offloaded twin must give the resident's bits)."""
+    from routed.model import experts as experts_mod
+
+    g = torch.Generator().manual_seed(2)
+    experts = experts_mod.RoutedExperts(16, 128, 64, torch.bfloat16)
+    for w in (experts.gate_proj, experts.up_proj, experts.down_proj):
+        w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+    gate, up = experts.gate_proj.clone(), experts.up_proj.clone()
+    x = torch.randn(300, 128, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(300)])
+    weights = torch.rand(300, 4, generator=g)
+    with torch.inference_mode():
+        before, _ = experts(x, ids, weights, "grouped")
+    assert experts._gate_up() is None
+    experts.finalize_()
+    assert torch.equal(experts.gate_proj, gate) and torch.equal(experts.up_proj, up)
+    assert torch.equal(experts._gate_up(), torch.cat([gate, up], dim=1))
+    calls = []
+    grouped_mm = experts_mod.F.grouped_mm
+    monkeypatch.setattr(experts_mod.F, "grouped_mm", lambda a, b, offs: calls.append(b.shape) or grouped_mm(a, b, offs=offs))
+    with torch.inference_mode():
+        after, _ = experts(x, ids, weights, "grouped")
+    assert calls == [(16, 128, 128), (16, 64, 128)]
+    assert torch.equal(after, before)  # bf16 products accumulate each output the same way at 2I columns
+
+
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 40])
 def test_gemm_pads_rows_to_a_multiple_and_equals_linear(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """gemv.gemm: a bf16 product of 16 rows or more runs over zero-padded rows (a multiple of 16: oneDNN keeps a

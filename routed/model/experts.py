@@ -115,10 +115,20 @@ class RoutedExperts(nn.Module):
         self.fmt = fmt
 
     def finalize_(self) -> None:
-        """int4: pack every expert's weights for the CPU kernel and drop the unpacked copies — gate and up as one
-        [2I, D] weight per expert (one kernel call for both: a one-token step's six experts 239 vs 290 us per
-        layer on `small`), its scales and zeros concatenated the same way."""
-        if self.fmt is None or self.fmt.bits != 4:
+        """bf16/fp16: gate and up laid out as the two halves of one [E, 2I, D] tensor (`gate_proj`, `up_proj` views
+        of it), which the grouped products take as one weight (`_gate_up`). int4: pack every expert's weights for the
+        CPU kernel and drop the unpacked copies — gate and up as one [2I, D] weight per expert (one kernel call
+        for both: a one-token step's six experts 239 vs 290 us per layer on `small`), its scales and zeros
+        concatenated the same way."""
+        if self.fmt is None:  # fp32 stays split: its GEMM rounds differently with 2I columns (not the twin's bits)
+            if (self.store is None and self.gate_proj.dtype in (torch.bfloat16, torch.float16)
+                    and self.gate_proj.numel() and self._gate_up() is None):
+                I = self.gate_proj.shape[1]
+                gate_up = torch.cat([self.gate_proj.detach(), self.up_proj.detach()], dim=1)
+                self.gate_proj = nn.Parameter(gate_up[:, :I], requires_grad=False)
+                self.up_proj = nn.Parameter(gate_up[:, I:], requires_grad=False)
+            return
+        if self.fmt.bits != 4:
             return
         gate, up, down = self.gate_proj_qweight, self.up_proj_qweight, self.down_proj_qweight
         E = len(gate)
@@ -130,6 +140,17 @@ class RoutedExperts(nn.Module):
             setattr(self, f"{name}_qweight", torch.empty(0, dtype=torch.uint8))
         for name in ("gate_proj", "up_proj"):
             setattr(self, f"{name}_scales_zeros", torch.empty(0, dtype=torch.bfloat16))
+
+    def _gate_up(self) -> torch.Tensor | None:
+        """gate_proj and up_proj as one [E, 2I, D] weight, when they are its two halves (`finalize_`)."""
+        g, u = self.gate_proj, self.up_proj
+        if g.dim() != 3 or u.shape != g.shape or u.dtype != g.dtype:
+            return None
+        E, I, D = g.shape
+        layout = (2 * I * D, D, 1)
+        if g.stride() != layout or u.stride() != layout or u.data_ptr() != g.data_ptr() + I * D * g.element_size():
+            return None
+        return g.as_strided((E, 2 * I, D), layout)
 
     def _proj(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.store is not None:
@@ -219,6 +240,8 @@ class RoutedExperts(nn.Module):
         if self.fmt is None and self.store is None and x_ND.device.type == "cpu":  # CUDA's takes bf16 on sm90 only
             m = EXPERT_ROWS_MULTIPLE  # per expert (a decode step's 1-7 rows stay as they are)
             padded_E = torch.where(counts_E < m, counts_E, (counts_E + m - 1) // m * m)
+            if x_ND.dtype not in (torch.bfloat16, torch.float16):  # fp32 unpadded, as in gemv.gemm: MKL builds no
+                padded_E = counts_E  # kernel per shape, and its rounding follows the row count (the offload twin's)
             offs = padded_E.cumsum(0)
             rows, (N, D) = int(offs[-1]), x_ND.shape
             src, w_rows = token_of, w_sorted  # per product row: the token it reads and adds into, its weight
@@ -235,7 +258,11 @@ class RoutedExperts(nn.Module):
             def proj(name: str, x: torch.Tensor) -> torch.Tensor:  # weights [E, out, in] -> per expert x @ w.T
                 return F.grouped_mm(x, getattr(self, name).transpose(1, 2), offs=offs)
 
-            h = F.silu(proj("gate_proj", x_rows)).mul_(proj("up_proj", x_rows))
+            if (gate_up := self._gate_up()) is not None:  # one product for both: 2I columns (gate, then up)
+                gu = F.grouped_mm(x_rows, gate_up.transpose(1, 2), offs=offs)
+                h = F.silu(gu[:, : gu.shape[1] // 2]).mul_(gu[:, gu.shape[1] // 2 :])
+            else:
+                h = F.silu(proj("gate_proj", x_rows)).mul_(proj("up_proj", x_rows))
             # the fp32 product float(y)·w that `y * w_rows` promotes to, as one cast and an in-place product:
             # a mixed-dtype product runs ~2x slower on the CPU; a padding row's y is 0 (its x is), its weight 0
             return out.index_add_(0, src, proj("down_proj", h).float().mul_(w_rows))[:N]
