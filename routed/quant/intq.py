@@ -220,8 +220,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
                 out_features: int) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    block = _packed_block()
-    if x2.shape[0] >= DEQUANT_ROWS_INT4 and block is not None and out_features % block == 0:
+    # rows first: a compiled one-row step never reads _packed_block (a global dict: guards on every call)
+    if x2.shape[0] >= DEQUANT_ROWS_INT4 and (block := _packed_block()) is not None and out_features % block == 0:
         # a GEMM: widen the weight (row chunks of whole blocks of the packed layout), then the float matmul
         return widened_gemm(x, lambda n0, n1: dequantize_packed_int4(packed[n0:n1], scales_zeros[:, n0:n1], group_size,
                                                                      n1 - n0, x.dtype), out_features, block)
