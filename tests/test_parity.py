@@ -109,8 +109,7 @@ def test_grouped_experts_give_each_expert_a_bucketed_row_count(monkeypatch: pyte
 
 def test_finalized_float_experts_run_gate_and_up_as_one_grouped_product(monkeypatch: pytest.MonkeyPatch) -> None:
     """After finalize_, gate_proj and up_proj are the halves of one [E, 2I, D] tensor (same values) and the grouped
-    path runs them as one product: two grouped products instead of three, the result as before (bf16; fp32 stays
-    split: its GEMM rounds differently at 2I columns, and the offloaded twin must give the resident's bits)."""
+    path runs them as one product: two grouped products instead of three, the result as before."""
     from routed.model import experts as experts_mod
 
     g = torch.Generator().manual_seed(2)

@@ -115,14 +115,13 @@ class RoutedExperts(nn.Module):
         self.fmt = fmt
 
     def finalize_(self) -> None:
-        """bf16/fp16: gate and up laid out as the two halves of one [E, 2I, D] tensor (`gate_proj`, `up_proj` views
-        of it), which the grouped products take as one weight (`_gate_up`). int4: pack every expert's weights for the
+        """Float: gate and up laid out as the two halves of one [E, 2I, D] tensor (`gate_proj`, `up_proj` views of
+        it), which the grouped products take as one weight (`_gate_up`). int4: pack every expert's weights for the
         CPU kernel and drop the unpacked copies — gate and up as one [2I, D] weight per expert (one kernel call
         for both: a one-token step's six experts 239 vs 290 us per layer on `small`), its scales and zeros
         concatenated the same way."""
-        if self.fmt is None:  # fp32 stays split: its GEMM rounds differently with 2I columns (not the twin's bits)
-            if (self.store is None and self.gate_proj.dtype in (torch.bfloat16, torch.float16)
-                    and self.gate_proj.numel() and self._gate_up() is None):
+        if self.fmt is None:
+            if self.store is None and self.gate_proj.numel() and self._gate_up() is None:
                 I = self.gate_proj.shape[1]
                 gate_up = torch.cat([self.gate_proj.detach(), self.up_proj.detach()], dim=1)
                 self.gate_proj = nn.Parameter(gate_up[:, :I], requires_grad=False)
@@ -229,10 +228,11 @@ class RoutedExperts(nn.Module):
         """Sort the (token, slot) pairs by expert and run each chosen expert once on all of its tokens; add the
         weighted outputs into the fp32 sum in that sorted order (each token's terms in expert order).
 
-        Float weights on the CPU: all experts in three `F.grouped_mm` calls over the sorted rows (the loop over
-        experts runs in C++; per expert the Python loop below costs ~10 dispatches, ~0.1 ms — 448 experts per
-        512-token prefill on `small`), each expert's rows padded with zeros as `gemv.gemm` pads, to a multiple of
-        EXPERT_ROWS_MULTIPLE. Quantized or offloaded experts: that loop, one expert at a time."""
+        Float weights on the CPU: all experts in two `F.grouped_mm` calls over the sorted rows, gate and up as one
+        weight (`finalize_`; three calls before it runs). The loop over experts runs in C++ (per expert the Python
+        loop below costs ~10 dispatches, ~0.1 ms — 448 experts per 512-token prefill on `small`); bf16/fp16
+        experts' rows are padded with zeros to a multiple of EXPERT_ROWS_MULTIPLE, as `gemv.gemm` pads. Quantized
+        or offloaded experts: that loop, one expert at a time."""
         K = ids_NK.shape[1]
         order = ids_NK.flatten().argsort(stable=True)
         token_of = order // K
