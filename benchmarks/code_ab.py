@@ -95,7 +95,7 @@ def main() -> None:
             ap.error(f"--swap {spec}: not every one of {names!r} is in both {args.base} and the working tree")
         sides["base"].append((module, old))
         sides["working tree"].append((module, new))
-    model = load_model(args.model, "bf16", progress=False, quant=args.quant)
+    model = load_model(args.model, "bf16", progress=False, quant=args.quant, routing_telemetry=False)
     engine = LLMEngine(model, Tokenizer.from_pretrained(args.model),
                        EngineConfig(routing_telemetry=False, enable_prefix_caching=False,
                                     max_num_seqs=max(16, args.decode_batch or 0),

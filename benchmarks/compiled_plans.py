@@ -36,7 +36,7 @@ def setup(description: str) -> tuple[argparse.Namespace, LLMEngine, float]:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
-        model = load_model(args.model, "bf16", progress=False, quant=args.quant)
+        model = load_model(args.model, "bf16", progress=False, quant=args.quant, routing_telemetry=False)
     except RoutedError as e:
         raise SystemExit(f"error: {e}") from None
     load_s = time.perf_counter() - start

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_model(args.model, "bf16", progress=False)
+    model = load_model(args.model, "bf16", progress=False, routing_telemetry=False)
     engine = LLMEngine(model, Tokenizer.from_pretrained(args.model),
                        EngineConfig(routing_telemetry=False, enable_prefix_caching=False))
     rng = random.Random(0)

@@ -42,7 +42,7 @@ def main() -> None:
     runtime = runtime_rss_bytes() or 0
     gb = lambda: round(((_rss_bytes() or 0) - runtime) / 1e9, 3)  # noqa: E731
     out: dict = {"model": args.model, "quant": args.quant, "lengths": [lo, hi], "runtime_gb": round(runtime / 1e9, 3)}
-    model = load_model(args.model, quant=args.quant, progress=False)
+    model = load_model(args.model, quant=args.quant, progress=False, routing_telemetry=False)
     out["weights_gb"], out["after_load_gb"] = round(model_bytes(model) / 1e9, 3), gb()
     engine = LLMEngine(model, Tokenizer.from_pretrained(args.model),
                        EngineConfig(max_num_seqs=1, max_num_batched_tokens=hi, kv_cache_gb=0.5,

@@ -77,7 +77,7 @@ def main() -> None:
     for quant in (None, "int8", "int4"):
         name = f"routed {quant or 'bf16'}"
         start = time.perf_counter()
-        model = load_model(args.model, "bf16", progress=False, quant=quant)
+        model = load_model(args.model, "bf16", progress=False, quant=quant, routing_telemetry=False)
         load_s = time.perf_counter() - start
         engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=16, max_num_batched_tokens=args.prompt_len,
                                                     kv_cache_gb=0.5, enable_prefix_caching=False,

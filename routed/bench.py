@@ -195,7 +195,7 @@ def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: 
         spec = LoadSpec(str(path), dtype, False, quant, placement, threads=max(1, torch.get_num_threads() // ep))
         model = launch(spec, ep, ep_timeout_s, progress=progress)
     else:
-        model = load_model(path, dtype, progress=progress, quant=quant, max_ram_gb=max_ram_gb)
+        model = load_model(path, dtype, progress=progress, quant=quant, max_ram_gb=max_ram_gb, routing_telemetry=False)
     load_s = time.perf_counter() - start
     weight_bytes = model_bytes(model)
     tok = Tokenizer.from_pretrained(path)

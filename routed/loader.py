@@ -158,6 +158,7 @@ def is_skipped(name: str, cfg: ModelConfig, with_mtp: bool) -> bool:
 def load_model(
     path: str | Path, dtype: torch.dtype | str = torch.bfloat16, *, mtp: bool = False, progress: bool = True,
     quant: str | None = None, max_ram_gb: float | None = None, shard: EPShard | None = None,
+    routing_telemetry: bool = True,
 ) -> Transformer:
     """Load a DeepSeek-V3-family checkpoint folder into a Transformer in eval mode.
 
@@ -165,6 +166,9 @@ def load_model(
     a checkpoint written by `routed quantize` loads quantized as it is. `max_ram_gb` below the model's size
     keeps the routed experts that do not fit on disk, read on demand through an LRU cache (routed.offload).
     `shard` (expert parallelism): load only this rank's routed experts (routed.parallel.ep).
+    `routing_telemetry`: whether the routers count routing per expert (`Gate.counting`, which an engine's
+    `routing_telemetry` sets): set before the decode step is compiled, so that an engine with the same setting
+    does not compile it again (~3 s with inductor's cache warm, `small`).
     """
     keep_freed_memory()  # prefill's large temporaries reused warm, not faulted in afresh (routed.malloc)
     folder = Path(path)
@@ -230,6 +234,8 @@ def load_model(
             _copy_duplicate_slots(module)
     finalize_model(model)
     model.eval()
+    for _, gate in model.gates():
+        gate.counting = routing_telemetry
     if model_bytes(model) >= gemv.MIN_MODEL_BYTES:  # worth compiling (~3 s, ~12 s the first time on a machine)
         if dtype == torch.bfloat16:
             gemv.enable()

@@ -97,3 +97,23 @@ def test_broken_checkpoints_raise_one_clear_error(ckpt, case: str, pattern: str)
         folder = folder / "nope"
     with pytest.raises(RoutedError, match=pattern):
         routed.load_model(folder, progress=False)
+
+
+@pytest.mark.parametrize("telemetry", [True, False])
+def test_the_load_compiles_the_decode_step_with_the_engines_routing_telemetry(
+        tiny_preset: Path, telemetry: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routers' counting is set before the load compiles the decode step, so an engine with telemetry off
+    does not compile it a second time (`LLMEngine` recompiles when its setting differs from the routers')."""
+    from routed.config import EngineConfig
+    from routed.engine.engine import LLMEngine
+    from routed.model import gemv
+    from routed.model.deepseek_v3 import Transformer
+
+    seen = []
+    monkeypatch.setattr(gemv, "MIN_MODEL_BYTES", 0)  # tiny compiles too (stubbed below)
+    monkeypatch.setattr(gemv, "enable", lambda: False)
+    monkeypatch.setattr(Transformer, "compile_decode", lambda self, progress=False: seen.append(
+        {gate.counting for _, gate in self.gates()}) or False)
+    engine = LLMEngine.from_pretrained(tiny_preset, config=EngineConfig(routing_telemetry=telemetry), progress=False)
+    assert seen == [{telemetry}]
+    assert {gate.counting for _, gate in engine.model.gates()} == {telemetry}

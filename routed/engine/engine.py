@@ -128,7 +128,7 @@ class LLMEngine:
             model = launch(spec, config.ep, config.ep_timeout_s, progress)
         else:
             model = load_model(path, resolve_dtype(dtype), progress=progress, mtp=mtp, quant=config.quant,
-                               max_ram_gb=config.max_ram_gb)
+                               max_ram_gb=config.max_ram_gb, routing_telemetry=config.routing_telemetry)
         try:
             return cls(model, Tokenizer.from_pretrained(path), config)
         except BaseException:
