@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from routed.model.gemv import linear
+from routed.model.gemv import PADDED_DTYPES, linear
 from routed.quant.intq import (IntFormat, int4_linear, int8_linear, pack_int4, quantize_int4,
                                quantize_int8)
 
@@ -238,10 +238,9 @@ class RoutedExperts(nn.Module):
         token_of = order // K
         w_sorted = w_NK.flatten()[order].float().unsqueeze(-1)
         if self.fmt is None and self.store is None and x_ND.device.type == "cpu":  # CUDA's takes bf16 on sm90 only
-            m = EXPERT_ROWS_MULTIPLE  # per expert (a decode step's 1-7 rows stay as they are)
-            padded_E = torch.where(counts_E < m, counts_E, (counts_E + m - 1) // m * m)
-            if x_ND.dtype not in (torch.bfloat16, torch.float16):  # fp32 unpadded, as in gemv.gemm: MKL builds no
-                padded_E = counts_E  # kernel per shape, and its rounding follows the row count (the offload twin's)
+            m = EXPERT_ROWS_MULTIPLE  # per expert (a decode step's 1-7 rows stay as they are), as `gemv.gemm` pads
+            padded_E = (torch.where(counts_E < m, counts_E, (counts_E + m - 1) // m * m) if x_ND.dtype in PADDED_DTYPES
+                        else counts_E)
             offs = padded_E.cumsum(0)
             rows, (N, D) = int(offs[-1]), x_ND.shape
             src, w_rows = token_of, w_sorted  # per product row: the token it reads and adds into, its weight

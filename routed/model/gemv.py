@@ -25,6 +25,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 MIN_MODEL_BYTES = 256 * 2**20
 ROWS_MULTIPLE = 16  # `gemm`: row counts from this on are padded to a multiple of it (fewer: a decode batch's)
+# dtypes whose CPU GEMMs (oneDNN) compile and keep a kernel per shape, so their row counts are padded (fp32 runs
+# on MKL: no kernel per shape, and its rounding follows the row count)
+PADDED_DTYPES = (torch.bfloat16, torch.float16)
 _state: dict[str, object] = {"kernel": None, "disabled": False}
 
 
@@ -70,7 +73,7 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> 
     shapes a process meets fall into few buckets (see the module docstring). The padding costs a copy of x."""
     rows = x.numel() // x.shape[-1]
     pad = -rows % ROWS_MULTIPLE
-    if (pad == 0 or rows < ROWS_MULTIPLE or x.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float16)
+    if (pad == 0 or rows < ROWS_MULTIPLE or x.device.type != "cpu" or w.dtype not in PADDED_DTYPES
             or torch.is_grad_enabled()):
         return F.linear(x, w, bias)
     x_padded = torch.cat([x.reshape(rows, x.shape[-1]), x.new_zeros(pad, x.shape[-1])])
