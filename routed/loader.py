@@ -32,7 +32,7 @@ from routed.model import gemv
 from routed.model.deepseek_v3 import Gate, MoE, Transformer
 from routed.model.experts import RoutedExperts
 from routed.progress import progress_bar
-from routed.quant import fp8
+from routed.quant import fp8, intq
 from routed.quant.intq import IntFormat, quantize_int4, quantize_int8
 from routed.quant.linear import finalize_model, model_bytes, quantize_model
 
@@ -184,14 +184,15 @@ def load_model(
         if quant not in QUANT_CHOICES:
             raise RoutedError(f"quant {quant!r} is not supported; choose from {', '.join(QUANT_CHOICES)}")
         fmt = QUANT_CHOICES[quant]
+    int_fmt = fmt or (IntFormat(*cfg.int_quant) if cfg.int_quant else None)  # of the weights in memory
     with torch.device("meta"):
         model = Transformer(cfg, dtype=dtype, with_mtp=mtp)
         if shard is not None:
             if max_ram_gb:
                 raise RoutedError("expert parallelism and --max-ram (expert offload) do not combine; pick one")
             _shard_experts(model, shard, dtype)
-        if cfg.int_quant or fmt:  # quantized checkpoint, or quantize each weight as it is read
-            quantize_model(model, fmt or IntFormat(*cfg.int_quant), from_weights=False)
+        if int_fmt is not None:  # quantized checkpoint, or quantize each weight as it is read
+            quantize_model(model, int_fmt, from_weights=False)
     offloaded = _plan_offload(model, folder, infos, cfg, dtype, max_ram_gb, quant) if max_ram_gb else False
     model.to_empty(device="cpu")
     table = checkpoint_table(model)
@@ -239,6 +240,8 @@ def load_model(
     if model_bytes(model) >= gemv.MIN_MODEL_BYTES:  # worth compiling (~3 s, ~12 s the first time on a machine)
         if dtype == torch.bfloat16:
             gemv.enable()
+        if int_fmt is not None and int_fmt.bits == 4:
+            intq.enable_widen(dtype)  # the prefill's int4 GEMMs widen their weights through it
         if not (offloaded or shard is not None):
             model.compile_decode(progress=progress)
     release_freed_memory()  # the load's transients, kept by keep_freed_memory's thresholds

@@ -75,7 +75,7 @@ def test_int4_kernel_equals_dequantized_matmul(group: int, rows: int) -> None:
     w, x = torch.randn(128, 128), torch.randn(rows, 128, dtype=torch.bfloat16)
     nibbles, sz = quantize_int4(w, group)
     assert nibbles.shape == (128, 64) and sz.shape == (128 // group, 128, 2)
-    assert torch.equal(dequantize_packed_int4(pack_int4(nibbles), sz, group, 128, torch.float32),
+    assert torch.equal(dequantize_packed_int4(pack_int4(nibbles), sz, torch.float32),
                        dequantize_int4(nibbles, sz, group))  # the kernel's layout, read back
     deq = dequantize_int4(nibbles, sz, group)
     step = (w.view(128, -1, group).amax(-1) - w.view(128, -1, group).amin(-1)) / 15
@@ -92,12 +92,34 @@ def test_int4_packing_in_row_chunks_equals_packing_at_once() -> None:
     at_once = pack_int4(nibbles, rows_per_chunk=640)
     assert torch.equal(pack_int4(nibbles, rows_per_chunk=128), at_once)  # 5 chunks
     assert torch.equal(pack_int4(nibbles, rows_per_chunk=256), at_once)  # the last chunk short
-    assert torch.equal(dequantize_packed_int4(at_once, sz, 32, 640, torch.float32), dequantize_int4(nibbles, sz, 32))
+    assert torch.equal(dequantize_packed_int4(at_once, sz, torch.float32), dequantize_int4(nibbles, sz, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_widened_by_the_compiled_kernel_equals_the_stored_nibbles(dtype: torch.dtype,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """widen_int4 (a prefill's int4 weight as float, compiled by inductor after enable_widen) gives the dequantized
+    Wᵀ bitwise, as its eager twin does, for weights and row chunks of several shapes (one graph per group size)."""
+    monkeypatch.setitem(intq._WIDEN, "kernel", None)  # this test's compile stays in this test
+    g = torch.Generator().manual_seed(3)
+    nibbles, sz = quantize_int4(torch.randn(256, 192, generator=g), 32)
+    packed = pack_int4(nibbles)
+    want = dequantize_int4(nibbles, sz, 32).t().to(dtype)  # [K, N]
+    nibbles64, sz64 = quantize_int4(torch.randn(192, 256, generator=g), 64)
+    packed64, want64 = pack_int4(nibbles64), dequantize_int4(nibbles64, sz64, 64).t().to(dtype)
+    assert torch.equal(intq.widen_int4(packed, sz, dtype), want)  # eager
+    assert intq.enable_widen(dtype)
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):  # as the engine calls it
+        assert torch.equal(intq.widen_int4(packed, sz, dtype), want)
+        assert torch.equal(intq.widen_int4(packed[:128], sz[:, :128], dtype), want[:, :128])  # a row chunk
+        assert torch.equal(intq.widen_int4(packed[128:], sz[:, 128:], dtype), want[:, 128:])
+    with torch.inference_mode():  # another group size: a graph of its own
+        assert torch.equal(intq.widen_int4(packed64, sz64, dtype), want64)
 
 
 def test_weights_widened_for_a_gemm_in_row_chunks_give_the_whole_product(monkeypatch: pytest.MonkeyPatch) -> None:
-    """int8 and int4 GEMMs widen their weight in row chunks of ~DEQUANT_CHUNK weights (int4: whole blocks of the
-    packed layout, the last chunk short): the same result as widening it whole."""
+    """int8 and int4 GEMMs widen their weight in even row chunks of at most ~DEQUANT_CHUNK weights (int4: whole
+    blocks of the packed layout, the last chunk short): the same result as widening it whole."""
     w, x = torch.randn(448, 128), torch.randn(intq.DEQUANT_ROWS_INT4, 128, dtype=torch.bfloat16)
     nibbles, sz = quantize_int4(w, 32)
     packed = pack_int4(nibbles)
@@ -111,7 +133,7 @@ def test_weights_widened_for_a_gemm_in_row_chunks_give_the_whole_product(monkeyp
     assert calls == [128, 128, 128, 64]  # the packed layout's blocks are 16-128 rows: 128 is whole blocks
     calls.clear()
     assert torch.equal(int8_linear(x, q, s), whole8)
-    assert calls == [128, 128, 128, 64]
+    assert calls == [112, 112, 112, 112]  # even chunks of at most 128 rows
 
 
 @pytest.mark.parametrize("rows", [3, intq.DEQUANT_ROWS_INT4])  # the int4 kernel, and dequantize + GEMM

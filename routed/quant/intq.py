@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 INNER_K_TILES = 2
 # From this many rows on, widening the weight to the activations' dtype and one float GEMM beat the int kernels
 # (one thread, 2816×1024: int8 2.2 vs 2.5 ms at 32 rows, 8.3 vs 20.2 at 256. int4, 2 threads, 512×1024 per
-# call: the kernel ~6.3 µs per row, unpacking ~300 µs + the bf16 GEMM ~2.6 µs per row: even at ~80 rows, so
-# 96; 48 rows 303 vs ~445 µs, 128 rows 810 vs ~630). Prefill's dense products take it; most experts' do not.
+# call: the kernel ~6.3 µs per row; widening ~130-200 µs compiled (`enable_widen`; ~300 eager) + the bf16 GEMM
+# ~2.6 µs per row. A 512-token prefill's experts on `small`, widened from 96, 64, 48 or 32 rows on: 427, 431, 437,
+# 437 ms — the widened weight leaves the cache between experts). Prefill's dense products take it; most
+# experts' do not.
 DEQUANT_ROWS_INT8 = 32
 DEQUANT_ROWS_INT4 = 96
 # A weight widened for a GEMM is widened in row chunks of about this many weights, so the transients stay a few
@@ -138,32 +140,77 @@ def _unpack_packed(packed: torch.Tensor, block: int, N: int, K: int) -> torch.Te
     return torch.cat([v & 0xF, v >> 4], dim=-1).transpose(1, 2).reshape(N, K)
 
 
-def dequantize_packed_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, out_features: int,
-                           dtype: torch.dtype) -> torch.Tensor | None:
-    """The kernel-layout int4 weight as a dense [N, K] tensor of `dtype`, or None if the layout is unknown.
+def _widen_blocks(v: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The kernel layout's bytes `v` [N/B, G, group, B/2] (byte (b, k, j): row b·B + j low, b·B + B/2 + j high)
+    and fp32 scales `s`, zeros `z` [G, 1, N/B, 2, B/2] -> Wᵀ [G, group, N/B, 2, B/2] (= [K, N]) of `dtype`:
+    (q − 8)·s + z in fp32 (the product exact: an 8-bit mantissa times 4 bits), rounded once. Every operand runs
+    along the same innermost B/2 elements, so inductor compiles it into one vectorised loop (`enable_widen`)."""
+    v = v.permute(1, 2, 0, 3)  # [G, group, N/B, B/2]
+    q = torch.stack([(v & 0xF).float() - 8, (v >> 4).float() - 8], dim=3)
+    return torch.addcmul(z, q, s).to(dtype)
 
-    Unpacked in the order the packed bytes lie ([K, N]: each byte's two rows side by side), scaled in fp32 by
-    one `addcmul` per element and rounded once; returned as the [N, K] view of that tensor, which F.linear
-    takes without a copy. Equal to `dequantize_int4` of the stored nibbles (bitwise in fp32); 512 x 1024, 2
-    threads: ~300 us against ~460 for unpacking row-major and scaling in `dtype`."""
-    N, G = out_features, scales_zeros.shape[0]
-    K = G * group_size
+
+_WIDEN: dict[str, Callable | None] = {"kernel": None}
+
+
+def enable_widen(dtype: torch.dtype) -> bool:
+    """Compile `_widen_blocks` (once per process: ~13 s the first time on a machine, then from inductor's disk
+    cache, ~1 s more per load beside the decode step's compile) and widen int4 weights through it from now on:
+    1.4-1.9x the same function eager (`python benchmarks/int4_widen.py`), int4 prefill 1.08-1.22x on `small`
+    (`benchmarks/code_ab.py`). Its sizes are symbolic but the group and block: one graph for every weight shape,
+    compiled here, and one more on the first call with a size of 1 (a weight of one block or one group:
+    specialised on) or outside inference mode. False (eager) if compiling fails."""
+    if _WIDEN["kernel"] is None and _packed_block() is not None:
+        try:
+            _WIDEN["kernel"] = torch.compile(_widen_blocks, dynamic=False)  # the sizes: marked dynamic per call
+            # a weight made as the loader makes them, widened as the engine runs (in inference mode): the graph
+            # guards on both
+            packed, scales_zeros = torch.zeros(2 * _packed_block(), 32, dtype=torch.uint8), torch.ones(2, 128, 2)
+            with torch.inference_mode():
+                widen_int4(packed, scales_zeros.bfloat16(), dtype)
+        except Exception as e:  # noqa: BLE001 — no compiler, or inductor refuses: the eager path is correct
+            _WIDEN["kernel"] = None
+            log.warning("compiled int4 widening unavailable (%s); eager", str(e).splitlines()[0][:200])
+    return _WIDEN["kernel"] is not None
+
+
+def widen_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """A kernel-layout int4 weight [N, K/2] (scales and zeros [K/group, N, 2]) as Wᵀ [K, N] of `dtype`, or None if
+    the layout is unknown or N is not a multiple of its block. Equal to `dequantize_int4` of the stored nibbles
+    (bitwise in fp32), compiled or eager."""
     block = _packed_block()
+    (N, half_K), G = packed.shape, scales_zeros.shape[0]
     if block is None or N % block:
         return None
-    v = packed.reshape(N // block, K, block // 2)
-    q_GgN = torch.stack([v & 0xF, v >> 4], dim=2).permute(1, 0, 2, 3).reshape(G, group_size, N)
-    sz = scales_zeros.float()[:, None]  # [G, 1, N, 2]
-    return torch.addcmul(sz[..., 1], q_GgN.float() - 8, sz[..., 0]).to(dtype).view(K, N).t()
+    v = packed.contiguous().view(N // block, G, 2 * half_K // G, block // 2)
+    s, z = (scales_zeros[..., i].float().view(G, 1, N // block, 2, block // 2) for i in (0, 1))
+    kernel = _WIDEN["kernel"] or _widen_blocks
+    if kernel is not _widen_blocks:
+        for t, dims in ((v, (0, 1)), (s, (0, 2)), (z, (0, 2))):  # blocks and groups: symbolic
+            for d in dims:
+                if t.shape[d] > 1:  # a size of 1 is specialised on: marking it would fail the compile
+                    torch._dynamo.mark_dynamic(t, d)
+    return kernel(v, s, z, dtype).view(2 * half_K, N)
+
+
+def dequantize_packed_int4(packed: torch.Tensor, scales_zeros: torch.Tensor,
+                           dtype: torch.dtype) -> torch.Tensor | None:
+    """The kernel-layout int4 weight as a dense [N, K] tensor of `dtype` (the [N, K] view of `widen_int4`'s
+    [K, N], which F.linear takes without a copy), or None if the layout is unknown."""
+    wt = widen_int4(packed, scales_zeros, dtype)
+    return None if wt is None else wt.t()
 
 
 def widened_gemm(x: torch.Tensor, widen: Callable[[int, int], torch.Tensor], out_features: int,
                  align: int = 1) -> torch.Tensor:
     """x Wᵀ for a quantized W, widened to x's dtype for the float GEMM a row chunk at a time: `widen(n0, n1)` gives
-    W[n0:n1] (chunks of a multiple of `align` rows, about DEQUANT_CHUNK weights each)."""
-    step = max(align, DEQUANT_CHUNK // x.shape[-1] // align * align)
-    if out_features <= step:
+    W[n0:n1] (chunks of a multiple of `align` rows, at most about DEQUANT_CHUNK weights each, and of even sizes:
+    no short last chunk of one block, which the compiled int4 widening would compile again for)."""
+    most = max(align, DEQUANT_CHUNK // x.shape[-1] // align * align)
+    if out_features <= most:
         return gemm(x, widen(0, out_features))
+    chunks = -(-out_features // most)
+    step = -(-out_features // chunks // align) * align
     out = x.new_empty(*x.shape[:-1], out_features)
     for n0 in range(0, out_features, step):
         n1 = min(out_features, n0 + step)
@@ -223,8 +270,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
     # rows first: a compiled one-row step never reads _packed_block (a global dict: guards on every call)
     if x2.shape[0] >= DEQUANT_ROWS_INT4 and (block := _packed_block()) is not None and out_features % block == 0:
         # a GEMM: widen the weight (row chunks of whole blocks of the packed layout), then the float matmul
-        return widened_gemm(x, lambda n0, n1: dequantize_packed_int4(packed[n0:n1], scales_zeros[:, n0:n1], group_size,
-                                                                     n1 - n0, x.dtype), out_features, block)
+        return widened_gemm(x, lambda n0, n1: dequantize_packed_int4(packed[n0:n1], scales_zeros[:, n0:n1], x.dtype),
+                            out_features, block)
     if x2.dtype != torch.bfloat16:  # the int4 CPU kernel takes bf16 activations
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.bfloat16(), packed, group_size, scales_zeros)
         out = out.to(x.dtype)
