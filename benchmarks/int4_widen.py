@@ -24,7 +24,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as a loaded model runs: freed blocks reused, not faulted in afresh
-    assert intq.enable_widen(torch.bfloat16), "no compiler: nothing to compare"
+    assert intq.enable_widen(torch.bfloat16, 32), "no compiler: nothing to compare"
     compiled = intq._WIDEN["kernel"]
     g = torch.Generator().manual_seed(0)
     results = {}

@@ -241,7 +241,7 @@ def load_model(
         if dtype == torch.bfloat16:
             gemv.enable()
         if int_fmt is not None and int_fmt.bits == 4:
-            intq.enable_widen(dtype)  # the prefill's int4 GEMMs widen their weights through it
+            intq.enable_widen(dtype, int_fmt.group_size)  # the prefill's int4 GEMMs widen their weights through it
         if not (offloaded or shard is not None):
             model.compile_decode(progress=progress)
     release_freed_memory()  # the load's transients, kept by keep_freed_memory's thresholds

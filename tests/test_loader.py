@@ -117,3 +117,35 @@ def test_the_load_compiles_the_decode_step_with_the_engines_routing_telemetry(
     engine = LLMEngine.from_pretrained(tiny_preset, config=EngineConfig(routing_telemetry=telemetry), progress=False)
     assert seen == [{telemetry}]
     assert {gate.counting for _, gate in engine.model.gates()} == {telemetry}
+
+
+def test_an_int4_load_compiles_the_prefills_widening_so_serving_compiles_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large int4 model's load compiles the widening of its weights for the prefill's GEMMs (`intq.enable_widen`,
+    its group size, as the engine calls it: in inference mode, on the loader's tensors); a prefill then compiles
+    nothing more, and its logits are the eager widening's, bitwise."""
+    from routed.model import gemv
+    from routed.model.deepseek_v3 import Transformer
+    from routed.quant import intq
+
+    folder, _ = make_checkpoint(tmp_path / "ckpt", hidden_size=128, moe_intermediate_size=64, intermediate_size=192,
+                                q_lora_rank=64, num_hidden_layers=2)
+    monkeypatch.setattr(gemv, "MIN_MODEL_BYTES", 0)  # as a large model: the loader compiles (the decode step: stubbed)
+    monkeypatch.setattr(gemv, "enable", lambda: False)
+    monkeypatch.setattr(Transformer, "compile_decode", lambda self, progress=False: False)
+    monkeypatch.setitem(intq._WIDEN, "kernel", None)
+    monkeypatch.setattr(intq, "DEQUANT_ROWS_INT4", 64)  # this model's experts see ~50 rows of 200 tokens
+    model = routed.load_model(folder, torch.bfloat16, progress=False, quant="int4")
+    assert intq._WIDEN["kernel"] is not None
+    widened = []
+    widen = intq.widen_int4
+    monkeypatch.setattr(intq, "widen_int4", lambda *a: widened.append(a[0].shape) or widen(*a))
+    ids = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(0))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = model(ids)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert len(widened) > 4  # the projections, dense and shared MLPs, some experts
+    monkeypatch.setitem(intq._WIDEN, "kernel", None)
+    with torch.inference_mode():
+        assert torch.equal(model(ids), compiled)

@@ -108,7 +108,7 @@ def test_int4_widened_by_the_compiled_kernel_equals_the_stored_nibbles(dtype: to
     nibbles64, sz64 = quantize_int4(torch.randn(192, 256, generator=g), 64)
     packed64, want64 = pack_int4(nibbles64), dequantize_int4(nibbles64, sz64, 64).t().to(dtype)
     assert torch.equal(intq.widen_int4(packed, sz, dtype), want)  # eager
-    assert intq.enable_widen(dtype)
+    assert intq.enable_widen(dtype, 32)
     with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):  # as the engine calls it
         assert torch.equal(intq.widen_int4(packed, sz, dtype), want)
         assert torch.equal(intq.widen_int4(packed[:128], sz[:, :128], dtype), want[:, :128])  # a row chunk

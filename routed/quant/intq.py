@@ -153,19 +153,20 @@ def _widen_blocks(v: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: torc
 _WIDEN: dict[str, Callable | None] = {"kernel": None}
 
 
-def enable_widen(dtype: torch.dtype) -> bool:
+def enable_widen(dtype: torch.dtype, group_size: int) -> bool:
     """Compile `_widen_blocks` (once per process: ~13 s the first time on a machine, then from inductor's disk
     cache, ~1 s more per load beside the decode step's compile) and widen int4 weights through it from now on:
     1.4-1.9x the same function eager (`python benchmarks/int4_widen.py`), int4 prefill 1.08-1.22x on `small`
-    (`benchmarks/code_ab.py`). Its sizes are symbolic but the group and block: one graph for every weight shape,
-    compiled here, and one more on the first call with a size of 1 (a weight of one block or one group:
-    specialised on) or outside inference mode. False (eager) if compiling fails."""
+    (`benchmarks/code_ab.py`). Its sizes are symbolic but the group and block: one graph for every weight shape
+    of at least two blocks and two groups (a smaller one is widened eager), compiled here; one more on the first
+    call with another group size or dtype, or outside inference mode. False (eager) if compiling fails."""
     if _WIDEN["kernel"] is None and _packed_block() is not None:
         try:
             _WIDEN["kernel"] = torch.compile(_widen_blocks, dynamic=False)  # the sizes: marked dynamic per call
             # a weight made as the loader makes them, widened as the engine runs (in inference mode): the graph
-            # guards on both
-            packed, scales_zeros = torch.zeros(2 * _packed_block(), 32, dtype=torch.uint8), torch.ones(2, 128, 2)
+            # guards on both. 2 blocks of rows, 3 groups: sizes apart, so that no guard ties them together
+            N = 2 * _packed_block()
+            packed, scales_zeros = torch.zeros(N, 3 * group_size // 2, dtype=torch.uint8), torch.ones(3, N, 2)
             with torch.inference_mode():
                 widen_int4(packed, scales_zeros.bfloat16(), dtype)
         except Exception as e:  # noqa: BLE001 — no compiler, or inductor refuses: the eager path is correct
@@ -184,12 +185,12 @@ def widen_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dt
         return None
     v = packed.contiguous().view(N // block, G, 2 * half_K // G, block // 2)
     s, z = (scales_zeros[..., i].float().view(G, 1, N // block, 2, block // 2) for i in (0, 1))
-    kernel = _WIDEN["kernel"] or _widen_blocks
-    if kernel is not _widen_blocks:
-        for t, dims in ((v, (0, 1)), (s, (0, 2)), (z, (0, 2))):  # blocks and groups: symbolic
-            for d in dims:
-                if t.shape[d] > 1:  # a size of 1 is specialised on: marking it would fail the compile
-                    torch._dynamo.mark_dynamic(t, d)
+    kernel = _WIDEN["kernel"]
+    if kernel is None or N // block < 2 or G < 2:  # the graph's sizes are >= 2 (1 would be specialised on)
+        return _widen_blocks(v, s, z, dtype).view(2 * half_K, N)
+    for t, dims in ((v, (0, 1)), (s, (0, 2)), (z, (0, 2))):  # blocks and groups: symbolic
+        for d in dims:
+            torch._dynamo.mark_dynamic(t, d)
     return kernel(v, s, z, dtype).view(2 * half_K, N)
 
 
