@@ -29,6 +29,15 @@ def test_int8_kernel_equals_dequantized_matmul(dtype: torch.dtype, rows: int) ->
     assert ((out - ref).abs().max() / ref.abs().max()) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("in_features", [136, 40])
+def test_int8_weights_the_kernel_cannot_take_run_widened(in_features: int) -> None:
+    """`_weight_int8pack_mm` needs in_features % 16 == 0 (else garbage or a crash): int8_linear widens those."""
+    w, x = torch.randn(64, in_features), torch.randn(3, in_features, dtype=torch.bfloat16)
+    q, s = quantize_int8(w)
+    ref = x.float() @ dequantize_int8(q, s).T
+    out = int8_linear(x, q, s).float()
+    assert ((out - ref).abs().max() / ref.abs().max()) < 1e-2
+
 @FBGEMM
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_rows_kernel_is_the_dequantized_matmul_to_8_bit_activations_and_batch_invariant(dtype) -> None:

@@ -34,6 +34,9 @@ INNER_K_TILES = 2
 # 437 ms — the widened weight leaves the cache between experts). Prefill's dense products take it; most
 # experts' do not.
 DEQUANT_ROWS_INT8 = 32
+# `_weight_int8pack_mm` reads its weight's rows in steps of 16: with in_features not a multiple of it, it returns
+# garbage or NaN, or crashes (torch 2.13, this CPU). Such weights take the widened GEMM whatever their rows.
+INT8_KERNEL_K_MULTIPLE = 16
 DEQUANT_ROWS_INT4 = 96
 # A weight widened for a GEMM is widened in row chunks of about this many weights, so the transients stay a few
 # MB whatever the weight (DeepSeek-V3's o_proj, 117 M weights, widened whole to bf16 through int4's fp32 steps:
@@ -224,7 +227,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     if torch.compiler.is_compiling() and x.numel() == q.shape[-1]:  # one row in a compiled block: fused
         return ((q.float() * x.reshape(-1).float()).sum(-1) * scale.to(x.dtype).float()).to(x.dtype).view(
             *shape[:-1], q.shape[0])
-    if x.numel() >= DEQUANT_ROWS_INT8 * q.shape[-1]:  # a GEMM: widen the weight, then the float matmul
+    # a GEMM, or a weight the int8 kernel cannot take: widen the weight, then the float matmul
+    if x.numel() >= DEQUANT_ROWS_INT8 * q.shape[-1] or q.shape[-1] % INT8_KERNEL_K_MULTIPLE:
         s = scale.to(x.dtype)[:, None]  # one pass (int8 x bf16 promotes): 0.64x the time of two
         return widened_gemm(x, lambda n0, n1: q[n0:n1] * s[n0:n1], q.shape[0])
     out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), q, scale.to(x.dtype))
