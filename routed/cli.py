@@ -194,8 +194,9 @@ def cmd_compare_routing(args: argparse.Namespace) -> int:
     from routed.telemetry.compare import compare_routing
 
     ids = _read_text_tokens(args.text, args.reference, args.max_tokens)
-    result = compare_routing(load_model(args.model, args.dtype, progress=not args.json),
-                             load_model(args.reference, args.dtype, progress=not args.json), ids, args.chunk_tokens)
+    result = compare_routing(load_model(args.model, args.dtype, progress=not args.json),  # as it would serve
+                             load_model(args.reference, args.dtype, progress=not args.json, quant="none"), ids,
+                             args.chunk_tokens)
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0
@@ -219,7 +220,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from routed.telemetry.compare import compare_routing
 
     fmt = IntFormat(8 if args.to == "int8" else 4, args.group_size)
-    model = load_model(args.model, "bf16", progress=not args.json)
+    model = load_model(args.model, "bf16", progress=not args.json, quant="none")  # FP8: dequantized, then quantized
     quantize_model(model, fmt)
     out = write_checkpoint(model, args.model, args.out, {"quantization_config": fmt.as_config(),
                                                          "torch_dtype": "bfloat16"})
@@ -232,7 +233,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from routed.tokenizer import Tokenizer
 
         ids = Tokenizer.from_pretrained(args.model).encode(sample)[: args.check_tokens]
-        result = compare_routing(load_model(out, progress=False), load_model(args.model, "bf16", progress=False), ids)
+        result = compare_routing(load_model(out, progress=False),
+                                 load_model(args.model, "bf16", progress=False, quant="none"), ids)
         report["quality"] = result.as_dict()
     if args.json:
         print(json.dumps(report))
@@ -332,6 +334,13 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
                         "that waits for a busy core stalls every step)")
 
 
+def _add_quant_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default=None,
+                   help="weights at load: int8 / int4 quantize a float or FP8 checkpoint's weights as they are read "
+                        "(a `routed quantize` checkpoint needs none); none keeps them in --dtype. Default: an FP8 "
+                        "checkpoint becomes int8 (one byte per weight, as stored), others load as stored")
+
+
 def _add_ep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", type=positive_int, default=1, metavar="N",
                    help="expert parallelism: shard the routed experts over N ranks (processes) on this machine; "
@@ -374,8 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop when TEXT appears (repeatable)")
     g.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weight dtype (default bf16)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
-    g.add_argument("--quant", choices=["int8", "int4"], default=None,
-                   help="quantize a float checkpoint's weights at load (a `routed quantize` checkpoint needs none)")
+    _add_quant_arg(g)
     g.add_argument("--max-ram", type=float, default=None, metavar="GB",
                    help="keep routed experts beyond this budget on disk behind an LRU cache")
     g.add_argument("--speculative", choices=["mtp"], default=None,
@@ -411,8 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting", type=positive_int, default=256,
                    help="queued requests beyond which new ones get 429 (default 256)")
     s.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
-    s.add_argument("--quant", choices=["int8", "int4"], default=None,
-                   help="quantize a float checkpoint's weights at load (a `routed quantize` checkpoint needs none)")
+    _add_quant_arg(s)
     s.add_argument("--max-ram", type=float, default=None, metavar="GB",
                    help="keep routed experts beyond this budget on disk behind an LRU cache")
     s.add_argument("--speculative", choices=["mtp"], default=None,
@@ -478,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-len", type=positive_int, default=512, help="prefill length (default 512)")
     b.add_argument("--gen-len", type=positive_int, default=128, help="decode tokens per request (default 128)")
     b.add_argument("--batch", default="1,8,16", help="decode batch sizes (default 1,8,16)")
-    b.add_argument("--quant", choices=["int8", "int4"], default=None, help="quantize weights at load")
+    _add_quant_arg(b)
     b.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     b.add_argument("--repeats", type=positive_int, default=3, help="runs per figure (default 3)")
     b.add_argument("--price-per-hour", type=float, default=0.10,

@@ -39,7 +39,7 @@ from routed.quant.linear import finalize_model, model_bytes, quantize_model
 if TYPE_CHECKING:
     from routed.parallel.ep import EPShard
 
-QUANT_CHOICES = {"int8": IntFormat(8), "int4": IntFormat(4, 32)}
+QUANT_CHOICES = {"none": None, "int8": IntFormat(8), "int4": IntFormat(4, 32)}
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -162,8 +162,11 @@ def load_model(
 ) -> Transformer:
     """Load a DeepSeek-V3-family checkpoint folder into a Transformer in eval mode.
 
-    `quant="int8"|"int4"` quantizes a float checkpoint's linear weights after loading (see routed.quant);
-    a checkpoint written by `routed quantize` loads quantized as it is. `max_ram_gb` below the model's size
+    `quant="int8"|"int4"` quantizes a float checkpoint's linear weights as they are read (see routed.quant);
+    a checkpoint written by `routed quantize` loads quantized as it is. An FP8 checkpoint is re-quantized to int8
+    unless `quant` says otherwise: one byte per weight, as stored, on the int8 kernels (its FP8 weights kept at
+    rest and widened per product ran 6-12x slower than int8's here: BENCHMARKS.md); `quant="none"` dequantizes
+    it to `dtype` (twice its size in bf16). `max_ram_gb` below the model's size
     keeps the routed experts that do not fit on disk, read on demand through an LRU cache (routed.offload).
     `shard` (expert parallelism): load only this rank's routed experts (routed.parallel.ep).
     `routing_telemetry`: whether the routers count routing per expert (`Gate.counting`, which an engine's
@@ -177,13 +180,16 @@ def load_model(
     if mtp and cfg.num_nextn_predict_layers == 0:
         raise RoutedError(f"{cfg.source}: num_nextn_predict_layers is 0, so this checkpoint has no MTP module")
     infos = scan_checkpoint(folder)
-    fmt = None
+    if quant is None and cfg.fp8 and not cfg.int_quant and not max_ram_gb:  # offloaded experts stay float
+        quant = "int8"
+        log.info("%s: FP8 weights re-quantized to int8 at load (quant='none' dequantizes them instead)", folder)
     if quant is not None:
         if cfg.int_quant:
-            raise RoutedError(f"{folder} is already quantized (int{cfg.int_quant[0]}); drop --quant")
+            raise RoutedError(f"{folder} is already quantized (int{cfg.int_quant[0]}) and loads as it is; drop --quant")
         if quant not in QUANT_CHOICES:
             raise RoutedError(f"quant {quant!r} is not supported; choose from {', '.join(QUANT_CHOICES)}")
-        fmt = QUANT_CHOICES[quant]
+    fmt = QUANT_CHOICES[quant] if quant is not None else None
+    quant = quant if fmt is not None else None  # "none": the weights in `dtype`
     int_fmt = fmt or (IntFormat(*cfg.int_quant) if cfg.int_quant else None)  # of the weights in memory
     with torch.device("meta"):
         model = Transformer(cfg, dtype=dtype, with_mtp=mtp)

@@ -40,7 +40,7 @@ def _group(name: str, cfg: ModelConfig) -> tuple[str, str]:
         return "mtp module", "skipped unless MTP is requested"
     if name.endswith("_scale_inv"):
         return "fp8 block scales", "used to dequantize their weights"
-    fp8_note = "loaded (FP8: dequantized) as "
+    fp8_note = "loaded (FP8: re-quantized to int8 by default; --quant none dequantizes) as "
     if name.endswith(("mlp.gate.weight", "e_score_correction_bias")):
         return "router", "kept in fp32"
     if ".mlp.experts." in name:
