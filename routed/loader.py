@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -39,6 +40,7 @@ from routed.quant.linear import finalize_model, model_bytes, quantize_model
 if TYPE_CHECKING:
     from routed.parallel.ep import EPShard
 
+READ_CHUNK_ROWS = 4096  # rows of a weight converted or quantized at once while loading (`_read_rows`)
 QUANT_CHOICES = {"none": None, "int8": IntFormat(8), "int4": IntFormat(4, 32)}
 
 log = logging.getLogger(__name__)
@@ -220,9 +222,9 @@ def load_model(
                 for name in names:
                     target = table[name]
                     info = infos[name]
-                    if name in requant:  # read in float (FP8 dequantized per tensor), quantize, store
+                    if name in requant:  # read in float (FP8 dequantized) a row chunk at a time, quantize, store
                         with torch.no_grad():
-                            _store_quantized(_read(name, infos, cfg), requant[name], state, fmt)
+                            _store_quantized(_read_rows(name, infos, cfg), requant[name], state, fmt)
                         advance()
                         continue
                     dest = state[target.key] if target.expert is None else state[target.key][target.expert]
@@ -230,10 +232,13 @@ def load_model(
                         if _TORCH_CODES.get(dest.dtype) == info.dtype and dest.is_contiguous() \
                                 and dest.numel() * dest.element_size() == info.nbytes:
                             _read_into(raw, info, dest)  # straight from the file: no second copy in memory
-                        else:
-                            dest.copy_(_read(name, infos, cfg))  # dtype change or FP8: convert
+                        else:  # dtype change or FP8: convert, a row chunk at a time
+                            for at, rows in _read_rows(name, infos, cfg):
+                                dest[at].copy_(rows)
                     advance()
     del state  # it holds every weight as loaded: finalize_model's packing must free the unpacked int4 ones
+    if requant:
+        release_freed_memory()  # the chunks read and quantized, before the packing and the compile add theirs
     for module in model.modules():
         if isinstance(module, Gate):
             module.reset_counters()  # to_empty left them uninitialised
@@ -298,11 +303,15 @@ def _split_requant(table: dict[str, Target], fmt: IntFormat) -> dict[str, list[T
     return requant
 
 
-def _store_quantized(w: torch.Tensor, targets: list[Target], state: dict[str, torch.Tensor],
-                     fmt: IntFormat) -> None:
-    q, s = quantize_int8(w) if fmt.bits == 8 else quantize_int4(w, fmt.group_size)
-    for target, value in zip(targets, (q, s)):
-        (state[target.key] if target.expert is None else state[target.key][target.expert]).copy_(value)
+def _store_quantized(chunks: Iterator[tuple[Any, torch.Tensor]], targets: list[Target],
+                     state: dict[str, torch.Tensor], fmt: IntFormat) -> None:
+    """Quantize a weight's row chunks (int8 per row, int4 per row and group: chunks quantize as the whole does)
+    into its qweight and scales targets."""
+    q_dest, s_dest = (state[t.key] if t.expert is None else state[t.key][t.expert] for t in targets)
+    for at, w in chunks:
+        q, s = quantize_int8(w) if fmt.bits == 8 else quantize_int4(w, fmt.group_size)
+        q_dest[at].copy_(q)
+        (s_dest[at] if fmt.bits == 8 else s_dest[:, at]).copy_(s)
 
 
 def _read_into(raw, info: TensorInfo, dest: torch.Tensor) -> None:  # noqa: ANN001
@@ -326,6 +335,36 @@ def _read_tensor(info: TensorInfo) -> torch.Tensor:
     with open(info.file, "rb", buffering=0) as raw:
         _read_into(raw, info, out)
     return out
+
+
+def _read_rows(name: str, infos: dict[str, TensorInfo], cfg: ModelConfig,
+               rows: int | None = None) -> Iterator[tuple[Any, torch.Tensor]]:
+    """A checkpoint tensor as (its rows' slice, rows) chunks of `rows` rows (a multiple of FP8's block rows),
+    FP8 weights dequantized (fp32) with their block scales: a converted or quantized weight's transients stay
+    a chunk's, not the whole tensor's (`small`'s lm_head read whole in bf16 for int8: 0.26 GB)."""
+    info, rows = infos[name], rows or READ_CHUNK_ROWS
+    if len(info.shape) < 2 or info.shape[0] <= rows:
+        yield ..., _read(name, infos, cfg)  # the whole tensor
+        return
+    row_bytes = info.nbytes // info.shape[0]
+    scale = None
+    if info.dtype == "F8_E4M3":
+        block = cfg.fp8.block_size if cfg.fp8 else (128, 128)
+        if (scale_name := name + "_scale_inv") not in infos:
+            raise RoutedError(f"{name}: FP8 weight without its {scale_name}")
+        scale = _read_tensor(infos[scale_name])
+        if tuple(scale.shape) != fp8.scale_grid(info.shape, block):
+            raise RoutedError(f"{scale_name}: scale grid {tuple(scale.shape)} does not match weight "
+                              f"{tuple(info.shape)} in {block[0]}x{block[1]} blocks")
+        rows = rows // block[0] * block[0]
+    for r0 in range(0, info.shape[0], rows):
+        r1 = min(info.shape[0], r0 + rows)
+        part = TensorInfo(info.file, (r1 - r0, *info.shape[1:]), info.dtype, info.offset + r0 * row_bytes,
+                          (r1 - r0) * row_bytes)
+        chunk = _read_tensor(part)
+        if scale is not None:
+            chunk = fp8.dequantize(chunk, scale[r0 // block[0] : -(-r1 // block[0])], block, torch.float32)
+        yield slice(r0, r1), chunk
 
 
 def _read(name: str, infos: dict[str, TensorInfo], cfg: ModelConfig) -> torch.Tensor:

@@ -39,7 +39,8 @@ def test_576_row_projection_uses_integer_division() -> None:
     assert ((got - w).abs() / w.abs()).median() < 0.05
 
 
-def test_fp8_checkpoint_logits_equal_dequantized_bf16_model(tmp_path: Path) -> None:
+def write_fp8_and_dequantized(tmp_path: Path) -> tuple[Path, Path]:
+    """An FP8 checkpoint (tmp_path/fp8) and its exact dequantization in bf16 (tmp_path/bf16)."""
     # dimensions that are not multiples of 128: hidden 160, kv_a 144+16 rows, q_b 4*(24+16) rows
     folder, _ = make_checkpoint(tmp_path / "src", hidden_size=160, intermediate_size=200, moe_intermediate_size=136,
                                 kv_lora_rank=144, q_lora_rank=130, qk_nope_head_dim=24, qk_rope_head_dim=16,
@@ -64,6 +65,11 @@ def test_fp8_checkpoint_logits_equal_dequantized_bf16_model(tmp_path: Path) -> N
         out.mkdir()
         save_file({k: v.contiguous() for k, v in data.items()}, out / "model.safetensors")
         (out / "config.json").write_text(json.dumps({**config, **extra}))
+    return tmp_path / "fp8", tmp_path / "bf16"
+
+
+def test_fp8_checkpoint_logits_equal_dequantized_bf16_model(tmp_path: Path) -> None:
+    write_fp8_and_dequantized(tmp_path)
     ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = routed.load_model(tmp_path / "fp8", torch.bfloat16, progress=False, quant="none")(ids)
@@ -83,3 +89,32 @@ def test_fp8_checkpoint_logits_equal_dequantized_bf16_model(tmp_path: Path) -> N
     with pytest.raises(RoutedError, match="loads as it is"):
         routed.load_model(write_checkpoint(q8, tmp_path / "fp8", tmp_path / "q8", {
             "quantization_config": {"quant_method": "routed", "bits": 8, "group_size": 32}}), quant="none")
+
+
+def test_weights_converted_or_quantized_in_row_chunks_load_as_whole(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader converts (FP8 -> bf16) and quantizes (FP8 or bf16 -> int8/int4) a weight a chunk of rows at a time
+    (`READ_CHUNK_ROWS`, FP8's 128-row blocks kept whole): the same model as reading each weight whole."""
+    from routed import loader
+
+    fp8_dir, bf16_dir = write_fp8_and_dequantized(tmp_path)
+    cases = [(fp8_dir, None), (fp8_dir, "none"), (fp8_dir, "int4"), (bf16_dir, "int8")]
+    def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:  # int4's packed weights are not buffers
+        out = dict(model.state_dict())
+        for n, m in model.named_modules():
+            packed = getattr(m, "_packed", None)
+            if isinstance(packed, torch.Tensor):
+                out[f"{n}._packed"] = packed
+            elif isinstance(packed, dict):
+                out.update({f"{n}._packed.{k}": t for k, t in packed.items()})
+        return out
+
+    def load(folder: Path, quant: str | None) -> dict[str, torch.Tensor]:
+        return weights(routed.load_model(folder, torch.bfloat16, progress=False, quant=quant))
+
+    whole = [load(f, q) for f, q in cases]
+    monkeypatch.setattr(loader, "READ_CHUNK_ROWS", 128)  # the 200- and 160-row weights: two chunks each
+    chunked = [load(f, q) for f, q in cases]
+    assert any("_packed" in k for k in whole[2])
+    for a, b in zip(whole, chunked):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
