@@ -40,19 +40,22 @@ def _group(name: str, cfg: ModelConfig) -> tuple[str, str]:
         return "mtp module", "skipped unless MTP is requested"
     if name.endswith("_scale_inv"):
         return "fp8 block scales", "used to dequantize their weights"
-    fp8_note = "loaded (FP8: re-quantized to int8 by default; --quant none dequantizes) as "
+    # an FP8 checkpoint loads as int8 unless --quant says otherwise (the loader's default)
+    linear = ("re-quantized to int8 (--quant none: dequantized to the model dtype)" if cfg.fp8 and not cfg.int_quant
+              else f"loaded as {target}")
     if name.endswith(("mlp.gate.weight", "e_score_correction_bias")):
         return "router", "kept in fp32"
     if ".mlp.experts." in name:
-        return "routed experts", f"{fp8_note}{target}, stacked into [E, out, in]"
+        return "routed experts", f"{linear}, stacked into [E, out, in]"
     if ".shared_experts." in name:
-        return "shared experts", f"{fp8_note}{target}"
+        return "shared experts", linear
     if ".mlp." in name:
-        return "dense mlp", f"{fp8_note}{target}"
+        return "dense mlp", linear
     if ".self_attn." in name and not name.endswith("layernorm.weight"):
-        return "attention", f"{fp8_note}{target}"
+        return "attention", linear + (" (kv_b_proj: the model dtype)" if cfg.fp8 and not cfg.int_quant else "")
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return "embedding and head", f"loaded as {target}"
+        return "embedding and head", f"loaded as {target}" + (
+            " (the head re-quantized to int8)" if cfg.fp8 and not cfg.int_quant else "")
     if name.endswith("norm.weight"):
         return "norms", f"loaded as {target}"
     return "other", "unexpected: the loader will refuse it"
