@@ -189,14 +189,22 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_stored(path: str) -> str | None:
+    """`quant` that loads a checkpoint's own values: an FP8 one dequantized ("none", not the int8 it loads as by
+    default), any other as it is."""
+    from routed.config import ModelConfig
+
+    return "none" if ModelConfig.from_pretrained(path).fp8 else None
+
+
 def cmd_compare_routing(args: argparse.Namespace) -> int:
     from routed.loader import load_model
     from routed.telemetry.compare import compare_routing
 
     ids = _read_text_tokens(args.text, args.reference, args.max_tokens)
     result = compare_routing(load_model(args.model, args.dtype, progress=not args.json),  # as it would serve
-                             load_model(args.reference, args.dtype, progress=not args.json, quant="none"), ids,
-                             args.chunk_tokens)
+                             load_model(args.reference, args.dtype, progress=not args.json,
+                                        quant=_as_stored(args.reference)), ids, args.chunk_tokens)
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0
@@ -214,13 +222,16 @@ def cmd_compare_routing(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from routed.config import ModelConfig
     from routed.loader import load_model, write_checkpoint
     from routed.quant.intq import IntFormat
     from routed.quant.linear import quantize_model
     from routed.telemetry.compare import compare_routing
 
     fmt = IntFormat(8 if args.to == "int8" else 4, args.group_size)
-    model = load_model(args.model, "bf16", progress=not args.json, quant="none")  # FP8: dequantized, then quantized
+    if (bits := ModelConfig.from_pretrained(args.model).int_quant) is not None:
+        raise RoutedError(f"{args.model} is already quantized (int{bits[0]}); quantize the float checkpoint it came from")
+    model = load_model(args.model, "bf16", progress=not args.json, quant=_as_stored(args.model))
     quantize_model(model, fmt)
     out = write_checkpoint(model, args.model, args.out, {"quantization_config": fmt.as_config(),
                                                          "torch_dtype": "bfloat16"})
@@ -234,7 +245,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         ids = Tokenizer.from_pretrained(args.model).encode(sample)[: args.check_tokens]
         result = compare_routing(load_model(out, progress=False),
-                                 load_model(args.model, "bf16", progress=False, quant="none"), ids)
+                                 load_model(args.model, "bf16", progress=False, quant=_as_stored(args.model)), ids)
         report["quality"] = result.as_dict()
     if args.json:
         print(json.dumps(report))

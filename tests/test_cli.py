@@ -101,4 +101,6 @@ def test_bench_json_and_quantize(tiny_preset: Path, tmp_path: Path) -> None:
     assert report["quality"]["kl"] < 0.01 and len(report["quality"]["identical"]) == 2
     gen = run("generate", "--model", str(tmp_path / "q8"), "--max-tokens", "3", "--json", "hi")
     assert gen.returncode == 0 and json.loads(gen.stdout)["completion_tokens"] == 3
+    again = run("quantize", "--model", str(tmp_path / "q8"), "--to", "int4", "--out", str(tmp_path / "q4"))
+    assert again.returncode == 1 and "already quantized (int8)" in again.stderr and "Traceback" not in again.stderr
     assert run("bench", "--model", str(tiny_preset), "--batch", "x").returncode == 1
