@@ -346,22 +346,13 @@ def _read_rows(name: str, infos: dict[str, TensorInfo], cfg: ModelConfig,
     if len(info.shape) < 2 or info.shape[0] <= rows:
         yield ..., _read(name, infos, cfg)  # the whole tensor
         return
+    scale, block = _fp8_scale(name, infos, cfg) if info.dtype == "F8_E4M3" else (None, (1, 1))
+    rows = rows // block[0] * block[0]
     row_bytes = info.nbytes // info.shape[0]
-    scale = None
-    if info.dtype == "F8_E4M3":
-        block = cfg.fp8.block_size if cfg.fp8 else (128, 128)
-        if (scale_name := name + "_scale_inv") not in infos:
-            raise RoutedError(f"{name}: FP8 weight without its {scale_name}")
-        scale = _read_tensor(infos[scale_name])
-        if tuple(scale.shape) != fp8.scale_grid(info.shape, block):
-            raise RoutedError(f"{scale_name}: scale grid {tuple(scale.shape)} does not match weight "
-                              f"{tuple(info.shape)} in {block[0]}x{block[1]} blocks")
-        rows = rows // block[0] * block[0]
     for r0 in range(0, info.shape[0], rows):
         r1 = min(info.shape[0], r0 + rows)
-        part = TensorInfo(info.file, (r1 - r0, *info.shape[1:]), info.dtype, info.offset + r0 * row_bytes,
-                          (r1 - r0) * row_bytes)
-        chunk = _read_tensor(part)
+        chunk = _read_tensor(TensorInfo(info.file, (r1 - r0, *info.shape[1:]), info.dtype,
+                                        info.offset + r0 * row_bytes, (r1 - r0) * row_bytes))
         if scale is not None:
             chunk = fp8.dequantize(chunk, scale[r0 // block[0] : -(-r1 // block[0])], block, torch.float32)
         yield slice(r0, r1), chunk
@@ -372,14 +363,21 @@ def _read(name: str, infos: dict[str, TensorInfo], cfg: ModelConfig) -> torch.Te
     tensor = _read_tensor(infos[name])
     if tensor.dtype != torch.float8_e4m3fn:
         return tensor
+    scale, block = _fp8_scale(name, infos, cfg)
+    return fp8.dequantize(tensor, scale, block, torch.float32)
+
+
+def _fp8_scale(name: str, infos: dict[str, TensorInfo], cfg: ModelConfig) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An FP8 weight's block scales (`weight_scale_inv`, checked against its shape) and the block size."""
     scale_name = name + "_scale_inv"
     if scale_name not in infos:
         raise RoutedError(f"{name}: FP8 weight without its {scale_name}")
     block = cfg.fp8.block_size if cfg.fp8 else (128, 128)
-    try:
-        return fp8.dequantize(tensor, _read_tensor(infos[scale_name]), block, torch.float32)
-    except ValueError as e:
-        raise RoutedError(f"{scale_name}: {e}") from None
+    scale, shape = _read_tensor(infos[scale_name]), infos[name].shape
+    if tuple(scale.shape) != fp8.scale_grid(shape, block):
+        raise RoutedError(f"{scale_name}: scale grid {tuple(scale.shape)} does not match weight {tuple(shape)} in "
+                          f"{block[0]}x{block[1]} blocks (expected {fp8.scale_grid(shape, block)})")
+    return scale, block
 
 
 def _plan_offload(model: Transformer, folder: Path, infos: dict[str, TensorInfo], cfg: ModelConfig,

@@ -118,3 +118,19 @@ def test_weights_converted_or_quantized_in_row_chunks_load_as_whole(tmp_path: Pa
     assert any("_packed" in k for k in whole[2])
     for a, b in zip(whole, chunked):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("chunk_rows", [4096, 128])  # read whole, or a row chunk at a time
+def test_fp8_weight_with_a_wrong_scale_grid_is_one_clear_error(tmp_path: Path, chunk_rows: int,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from routed import loader
+
+    fp8_dir, _ = write_fp8_and_dequantized(tmp_path)
+    tensors = load_file(fp8_dir / "model.safetensors")
+    name = "model.layers.0.mlp.gate_proj.weight_scale_inv"  # [200, 160] in 128 x 128 blocks: a [2, 2] grid
+    tensors[name] = torch.ones(1, 2)
+    save_file(tensors, fp8_dir / "model.safetensors")
+    monkeypatch.setattr(loader, "READ_CHUNK_ROWS", chunk_rows)
+    with pytest.raises(RoutedError, match=r"gate_proj.weight_scale_inv: scale grid \(1, 2\) does not match weight "
+                                          r"\(200, 160\) in 128x128 blocks \(expected \(2, 2\)\)"):
+        routed.load_model(fp8_dir, torch.bfloat16, progress=False, quant="none")
