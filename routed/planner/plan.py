@@ -198,7 +198,8 @@ def make_plan(req: PlanRequest) -> Plan:
 def _notes(cfg: ModelConfig, hw: Hardware, fmt: str, par: Parallelism) -> list[str]:
     notes = ["latent cache in bf16; MTP module not loaded (routed serves without it)"]
     if fmt == "fp8" and not hw.fp8_tflops:
-        notes.append(f"{hw.name} has no fp8 units: fp8 weights are dequantised and multiplied at the bf16 rate")
+        notes.append(f"{hw.name} has no fp8 units: routed re-quantizes fp8 weights to int8 at load (the same bytes) "
+                     "and multiplies at the bf16 rate")
     if fmt in ("int8", "int4"):
         notes.append(f"{fmt} is weight-only: matmuls run at the bf16 rate")
     if cfg.n_routed_experts and cfg.n_routed_experts % par.ep:
