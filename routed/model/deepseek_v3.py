@@ -445,7 +445,10 @@ class Transformer(nn.Module):
             positions_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
         rope = self.rotary(positions_BT)
         h = self.model.embed_tokens(input_ids_BT)
-        if self._one_token_plan is not None and T == 1 and batch is not None and not torch.is_grad_enabled():
+        # a context of one key (a one-token prompt's first step) stays eager: the compiled step's key count is
+        # symbolic from 2 (1 is specialised on: it would compile a second graph while serving, ~25 s cold)
+        if (self._one_token_plan is not None and T == 1 and batch is not None and not torch.is_grad_enabled()
+                and len(batch.key_slots[0]) > 1):
             for run, first, blocks in self._one_token_plan:
                 h = run(blocks, h, rope, positions_BT, batch, first, self.attn_impl)
         else:
