@@ -284,9 +284,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = bench(args.model, args.prompt_len, args.gen_len, batches, args.quant, args.dtype, args.repeats,
                    args.price_per_hour, args.compare_transformers, progress=not args.json, max_ram_gb=args.max_ram,
                    **_ep_config(args))
+    failed = 1 if "transformers_error" in result else 0  # routed's figures still printed, then the error
     if args.json:
         print(json.dumps(result, indent=2))
-        return 0
+        return failed
     from rich.console import Console
     from rich.table import Table
 
@@ -317,7 +318,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         console.print(f"transformers, same checkpoint: prefill {hf['prefill']:.1f} tok/s, decode batch 1 "
                       f"{hf['decode_b1']:.1f} tok/s -> routed is {ratio['prefill']:.2f}x (prefill) and "
                       f"{ratio['decode_b1']:.2f}x (decode)")
-    return 0
+    if failed:
+        print(f"routed: error: --compare-transformers: transformers could not run this checkpoint "
+              f"({result['transformers_error']}); routed's figures are above", file=sys.stderr)
+    return failed
 
 
 def cmd_random_checkpoint(args: argparse.Namespace) -> int:

@@ -104,3 +104,26 @@ def test_bench_json_and_quantize(tiny_preset: Path, tmp_path: Path) -> None:
     again = run("quantize", "--model", str(tmp_path / "q8"), "--to", "int4", "--out", str(tmp_path / "q4"))
     assert again.returncode == 1 and "already quantized (int8)" in again.stderr and "Traceback" not in again.stderr
     assert run("bench", "--model", str(tiny_preset), "--batch", "x").returncode == 1
+
+
+def test_bench_keeps_its_figures_when_transformers_cannot_run(tiny_preset: Path, monkeypatch, capsys) -> None:
+    """--compare-transformers on a checkpoint transformers cannot load (an FP8 one without accelerate): routed's
+    figures are printed, then one clear error, exit 1 — no traceback, nothing lost."""
+    import routed.bench
+    from routed.cli import main
+
+    def fail(*args, **kwargs):
+        raise ImportError("Loading an FP8 quantized model requires accelerate (`pip install accelerate`)\nmore")
+
+    monkeypatch.setattr(routed.bench, "bench_transformers", fail)
+    argv = ["bench", "--model", str(tiny_preset), "--prompt-len", "16", "--gen-len", "2", "--batch", "1",
+            "--repeats", "1", "--threads", "1", "--compare-transformers"]
+    assert main(argv + ["--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert [r["kind"] for r in out["runs"]] == ["prefill", "decode"] and "transformers" not in out
+    assert out["transformers_error"] == ("ImportError: Loading an FP8 quantized model requires accelerate "
+                                         "(`pip install accelerate`)")
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "prefill 16" in captured.out and "Traceback" not in captured.err
+    assert "transformers could not run this checkpoint (ImportError: Loading an FP8" in captured.err
