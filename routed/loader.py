@@ -251,8 +251,10 @@ def load_model(
     if model_bytes(model) >= gemv.MIN_MODEL_BYTES:  # worth compiling (~3 s, ~12 s the first time on a machine)
         if dtype == torch.bfloat16:
             gemv.enable()
-        if int_fmt is not None and int_fmt.bits == 4:
-            intq.enable_widen(dtype, int_fmt.group_size)  # the prefill's int4 GEMMs widen their weights through it
+        if int_fmt is not None and int_fmt.bits == 4:  # the prefill's int4 GEMMs widen their weights through it
+            with progress_bar("compiling the int4 widening", total=1, enabled=progress) as advance:
+                intq.enable_widen(dtype, int_fmt.group_size)  # ~13 s the first time on a machine, ~1 s after
+                advance()
         if not (offloaded or shard is not None):
             model.compile_decode(progress=progress)
     release_freed_memory()  # the load's transients, kept by keep_freed_memory's thresholds
