@@ -117,7 +117,7 @@ def test_bench_keeps_its_figures_when_transformers_cannot_run(tiny_preset: Path,
 
     monkeypatch.setattr(routed.bench, "bench_transformers", fail)
     argv = ["bench", "--model", str(tiny_preset), "--prompt-len", "16", "--gen-len", "2", "--batch", "1",
-            "--repeats", "1", "--threads", "1", "--compare-transformers"]
+            "--repeats", "1", "--compare-transformers"]  # no --threads: in this process it would stay set
     assert main(argv + ["--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert [r["kind"] for r in out["runs"]] == ["prefill", "decode"] and "transformers" not in out
