@@ -12,7 +12,8 @@ The JSON is the input of `routed plan --calibrate`; its `engine` says which engi
 git commit (when run from a checkout; `+dirty` with uncommitted changes), and whether the compiled one-row
 GEMV (`gemv`) and the compiled one-token decode (`compiled_decode`: decode at batch 1 ran compiled blocks)
 were in use, and the model's attention impl (`attention`: "auto", the engine's per-sequence choice of the naive
-or absorbed form) — the planner models those steps differently.
+or absorbed form), and whether the CPU multiplies bf16 natively (`native_bf16_products`: else products of many
+rows run in fp32, `gemv.product_dtype`) — the planner models those steps differently.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def engine_info(model: torch.nn.Module) -> dict[str, Any]:
 
     return {"version": routed.__version__, "commit": _commit(), "gemv": gemv._state["kernel"] is not None,
             "compiled_decode": getattr(model, "_one_token_plan", None) is not None,
-            "attention": getattr(model, "attn_impl", None)}
+            "attention": getattr(model, "attn_impl", None),
+            "native_bf16_products": gemv.native_half_products(torch.bfloat16)}
 
 
 def _commit() -> str | None:

@@ -86,3 +86,21 @@ def tiny_preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from routed.presets import write_random_checkpoint
 
     return write_random_checkpoint("tiny", tmp_path_factory.mktemp("presets") / "tiny")
+
+
+@pytest.fixture
+def native_half(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run bf16 products as a CPU with native ones does (AVX512-BF16/AMX: oneDNN's bf16 GEMMs, grouped experts),
+    whatever this machine has: for the tests of those paths' internals."""
+    from routed.model import gemv
+
+    monkeypatch.setattr(gemv, "native_half_products", lambda dtype: True)
+
+
+@pytest.fixture(params=[True, False], ids=["native-bf16", "fp32-products"])
+def half_products(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both ways a CPU runs many-row bf16 products (`gemv.product_dtype`): natively, or widened to fp32."""
+    from routed.model import gemv
+
+    monkeypatch.setattr(gemv, "native_half_products", lambda dtype: request.param)
+    return request.param

@@ -63,8 +63,9 @@ def test_reference_experts_match_grouped(ckpt: tuple[Path, Any]) -> None:
 
 
 @pytest.mark.parametrize("tokens", [3, 200])  # a decode batch's few rows, a prefill's many per expert
-def test_grouped_experts_match_reference_in_bf16(tokens: int) -> None:
-    """The bf16 grouped path (F.grouped_mm over the expert-sorted rows on the CPU) against the per-pair twin."""
+def test_grouped_experts_match_reference_in_bf16(tokens: int, half_products: bool) -> None:
+    """The bf16 grouped path (F.grouped_mm over the expert-sorted rows on the CPU; without native bf16 products,
+    one expert at a time in fp32) against the per-pair twin."""
     from routed.model.experts import RoutedExperts
 
     g = torch.Generator().manual_seed(tokens)
@@ -80,7 +81,7 @@ def test_grouped_experts_match_reference_in_bf16(tokens: int) -> None:
     torch.testing.assert_close(fast, slow, rtol=8e-3, atol=1e-3)  # one bf16 rounding of the fp32 sums apart
 
 
-def test_grouped_experts_give_each_expert_a_bucketed_row_count(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grouped_experts_give_each_expert_a_bucketed_row_count(monkeypatch: pytest.MonkeyPatch, native_half) -> None:
     """Each expert's rows in the grouped products padded to a multiple of EXPERT_ROWS_MULTIPLE (fewer: as they
     are; oneDNN keeps a kernel per shape); the result stays the reference's."""
     from routed.model import experts as experts_mod
@@ -107,7 +108,8 @@ def test_grouped_experts_give_each_expert_a_bucketed_row_count(monkeypatch: pyte
     torch.testing.assert_close(fast, slow, rtol=8e-3, atol=1e-3)
 
 
-def test_finalized_float_experts_run_gate_and_up_as_one_grouped_product(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_finalized_float_experts_run_gate_and_up_as_one_grouped_product(monkeypatch: pytest.MonkeyPatch,
+                                                                        native_half) -> None:
     """After finalize_, gate_proj and up_proj are the halves of one [E, 2I, D] tensor (same values) and the grouped
     path runs them as one product: two grouped products instead of three, the result as before."""
     from routed.model import experts as experts_mod
@@ -136,7 +138,7 @@ def test_finalized_float_experts_run_gate_and_up_as_one_grouped_product(monkeypa
 
 
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 40])
-def test_gemm_pads_rows_to_a_multiple_and_equals_linear(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gemm_pads_rows_to_a_multiple_and_equals_linear(rows: int, monkeypatch: pytest.MonkeyPatch, native_half) -> None:
     """gemv.gemm: a bf16 product of 16 rows or more runs over zero-padded rows (a multiple of 16: oneDNN keeps a
     kernel per shape), fewer rows as they are; the result is F.linear's on the real rows."""
     from routed.model import gemv
@@ -154,6 +156,31 @@ def test_gemm_pads_rows_to_a_multiple_and_equals_linear(rows: int, monkeypatch: 
     torch.testing.assert_close(y.float(), (x.float() @ w.float().T), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("rows", [1, 7, 8, 40])
+def test_gemm_without_native_bf16_runs_in_fp32_over_row_chunks(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gemv.gemm on a CPU without native bf16 products: from FP32_ROWS rows on, x and the weight widened to fp32
+    (the weight a chunk of rows at a time), the fp32 product rounded once to bf16 — F.linear in fp32, rounded;
+    fewer rows take the bf16 product as they are."""
+    from routed.model import gemv
+
+    monkeypatch.setattr(gemv, "native_half_products", lambda dtype: False)
+    monkeypatch.setattr(gemv, "DEQUANT_CHUNK", 96 * 20)  # 20 rows of the weight per chunk: 48 = 16 + 16 + 16
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, rows, 96, generator=g).bfloat16()
+    w = torch.randn(48, 96, generator=g).bfloat16()
+    seen = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(gemv.F, "linear", lambda a, b, bias=None: seen.append((a.dtype, b.shape[0])) or linear(a, b, bias))
+    with torch.inference_mode():
+        y = gemv.gemm(x, w)
+    assert y.shape == (1, rows, 48) and y.dtype == torch.bfloat16
+    if rows < gemv.FP32_ROWS:
+        assert seen == [(torch.bfloat16, 48)]
+        return
+    assert seen == [(torch.float32, 16)] * 3
+    assert torch.equal(y, (x.float() @ w.float().T).bfloat16())
+
+
 def test_bf16_softmax_is_fp32_softmax_rounded() -> None:
     """attend_expanded takes the softmax of bf16 scores directly: that must be the fp32 softmax rounded once to
     bf16 (spec trap 14: softmax in fp32), masked keys included."""
@@ -165,9 +192,10 @@ def test_bf16_softmax_is_fp32_softmax_rounded() -> None:
     assert torch.equal(probs, torch.nn.functional.softmax(scores.float(), dim=-1).bfloat16())
 
 
-def test_absorbed_and_naive_in_bf16_track_fp32(ckpt: tuple[Path, Any]) -> None:
+def test_absorbed_and_naive_in_bf16_track_fp32(ckpt: tuple[Path, Any], half_products: bool) -> None:
     """Both attention forms in bf16 against the fp32 model: within bf16 noise of it (the absorbed form's latent
-    attention runs in fp32, the naive form's scores are bf16 — neither is the other's reference)."""
+    attention runs in fp32, the naive form's scores are bf16 — neither is the other's reference), with bf16
+    products native or widened to fp32."""
     folder, _ = ckpt
     with torch.no_grad():
         reference = routed.load_model(folder, torch.float32, progress=False)(INPUT)

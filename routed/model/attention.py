@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from routed.model.gemv import gemm
+from routed.model.gemv import gemm, product_dtype
 
 ATTN_IMPLS = ("auto", "absorb", "naive")
 QUERY_CHUNK = 128  # prefill: queries per chunk of the causal (naive) form
@@ -71,11 +71,13 @@ def attend_expanded(q_nope_BTHN: torch.Tensor, q_pe_BTHR: torch.Tensor, k_BHSD: 
     The scale goes into the queries (T rows, not T x S scores) and the scores stay in the inputs' dtype: the
     softmax of bf16 scores accumulates in fp32 and writes bf16 probabilities in one pass, where widening the
     scores to fp32, scaling, normalising and narrowing again made five (128 x 512, 16 heads: 1.8 vs 2.3 ms;
-    the error against an fp32 reference the same, as the scores were already rounded to bf16 by the matmul)."""
-    q_BHTD = torch.cat([q_nope_BTHN, q_pe_BTHR], dim=-1).mul_(scale).transpose(1, 2)
-    scores_BHTS = torch.matmul(q_BHTD, k_BHSD.transpose(-1, -2))
+    the error against an fp32 reference the same, as the scores were already rounded to bf16 by the matmul).
+    On a CPU without native bf16 products (`gemv.product_dtype`) the products and the softmax run in fp32."""
+    dt = product_dtype(q_nope_BTHN, q_nope_BTHN.shape[1])  # fp32 on a CPU without native bf16 products
+    q_BHTD = torch.cat([q_nope_BTHN, q_pe_BTHR], dim=-1).to(dt).mul_(scale).transpose(1, 2)
+    scores_BHTS = torch.matmul(q_BHTD, k_BHSD.to(dt).transpose(-1, -2))
     scores_BHTS[..., masked_from:].masked_fill_(~mask_BTS[..., masked_from:].unsqueeze(1), float("-inf"))
-    return torch.matmul(F.softmax(scores_BHTS, dim=-1), v_BHSV).transpose(1, 2)
+    return torch.matmul(F.softmax(scores_BHTS, dim=-1), v_BHSV.to(dt)).transpose(1, 2).to(q_nope_BTHN.dtype)
 
 
 def use_naive(T: int, S: int, kv_b_HXL: torch.Tensor, N: int) -> bool:
@@ -229,6 +231,8 @@ def paged_attention(
         # naive: expand the keys once; each chunk of queries attends over the keys up to its last one (the
         # step's queries are the sequence's newest tokens, so query t sits at key position S - T + t)
         k_BHSD, v_BHSV = expand_keys(keys_SC.unsqueeze(0), kv_b_HXL, N)
+        if (dt := product_dtype(q_nope_BTHN, T)) != k_BHSD.dtype:  # widened once, not per query chunk
+            k_BHSD, v_BHSV = k_BHSD.to(dt), v_BHSV.to(dt)
         for a in range(0, T, QUERY_CHUNK):
             b, visible = min(a + QUERY_CHUNK, T), S - T + min(a + QUERY_CHUNK, T)
             out[:, start + a : start + b] = attend_expanded(

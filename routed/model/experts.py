@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from routed.model.gemv import PADDED_DTYPES, linear
+from routed.model.gemv import PADDED_DTYPES, linear, product_dtype
 from routed.quant.intq import (IntFormat, int4_linear, int8_linear, pack_int4, quantize_int4,
                                quantize_int8)
 
@@ -232,12 +232,16 @@ class RoutedExperts(nn.Module):
         weight (`finalize_`; three calls before it runs). The loop over experts runs in C++ (per expert the Python
         loop below costs ~10 dispatches, ~0.1 ms — 448 experts per 512-token prefill on `small`); bf16/fp16
         experts' rows are padded with zeros to a multiple of EXPERT_ROWS_MULTIPLE, as `gemv.gemm` pads. Quantized
-        or offloaded experts: that loop, one expert at a time."""
+        or offloaded experts, and float ones on a CPU without native bf16 products: that loop, one expert at a
+        time (each expert's products in `gemv.product_dtype`)."""
         K = ids_NK.shape[1]
         order = ids_NK.flatten().argsort(stable=True)
         token_of = order // K
         w_sorted = w_NK.flatten()[order].float().unsqueeze(-1)
-        if self.fmt is None and self.store is None and x_ND.device.type == "cpu":  # CUDA's takes bf16 on sm90 only
+        # CUDA's grouped_mm takes bf16 on sm90 only; a CPU without native bf16 products runs them in fp32, one
+        # expert at a time below (all experts widened to fp32 at once would be 4x their bytes)
+        if (self.fmt is None and self.store is None and x_ND.device.type == "cpu"
+                and product_dtype(x_ND) == x_ND.dtype):
             m = EXPERT_ROWS_MULTIPLE  # per expert (a decode step's 1-7 rows stay as they are), as `gemv.gemm` pads
             padded_E = (torch.where(counts_E < m, counts_E, (counts_E + m - 1) // m * m) if x_ND.dtype in PADDED_DTYPES
                         else counts_E)

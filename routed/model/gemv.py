@@ -12,11 +12,19 @@ shapes, ~2-3 s, holding the GIL) by `enable()`, which the loader calls for model
 Products of many rows (`gemm`, also under the int8/int4 weights widened for prefill) pad their rows to a multiple
 of ROWS_MULTIPLE on the CPU: oneDNN compiles and keeps a kernel per GEMM shape (up to 1024), and a server sees a
 new row count with every prompt length — on `small`, 40 prompts of 16-512 tokens grew the process by 0.39 GB.
+
+Half-precision products are native only on CPUs with AVX512-BF16 or AMX. Elsewhere (AVX2: AMD Zen 2/3, Intel
+before Cooper Lake) oneDNN emulates them at a fifth of fp32's rate (2816×1024, 512 rows, 2 threads, Zen 3: bf16
+18 GFLOPS, fp32 92), so there products of FP32_ROWS rows or more run in fp32 (`product_dtype`): the activations
+widened, the weight widened a chunk of rows at a time (`widened_gemm`), the result rounded back to the
+activations' dtype — what a bf16 GEMM computes (bf16 inputs, fp32 sums), in another order of summation.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +36,35 @@ ROWS_MULTIPLE = 16  # `gemm`: row counts from this on are padded to a multiple o
 # dtypes whose CPU GEMMs (oneDNN) compile and keep a kernel per shape, so their row counts are padded (fp32 runs
 # on MKL: no kernel per shape, and its rounding follows the row count)
 PADDED_DTYPES = (torch.bfloat16, torch.float16)
+# From this many rows on, a half-precision product on a CPU without native ones runs in fp32 (`product_dtype`)
+FP32_ROWS = 8
+# A weight widened for a GEMM is widened in row chunks of about this many weights, so the transients stay a few
+# MB whatever the weight (DeepSeek-V3's o_proj, 117 M weights, widened whole to bf16 through int4's fp32 steps:
+# ~1.2 GB at once). `small`'s experts (1 M weights each) take one chunk; its dense MLP (5.8 M) six.
+DEQUANT_CHUNK = 2**20
 _state: dict[str, object] = {"kernel": None, "disabled": False}
+
+
+@functools.cache
+def native_half_products(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` (bf16 or fp16) natively: bf16 with AVX512-BF16 or AMX tiles, fp16
+    with AMX-FP16 (see the module docstring)."""
+    if dtype == torch.float16:
+        return bool(torch.cpu._is_amx_fp16_supported())
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU's products of many `dtype` rows run in: float32 for half precision on a CPU without
+    native half-precision products, else `dtype` itself."""
+    return torch.float32 if dtype in PADDED_DTYPES and not native_half_products(dtype) else dtype
+
+
+def product_dtype(x: torch.Tensor, rows: int | None = None) -> torch.dtype:
+    """The dtype a product of x's `rows` (default: all of x's rows) runs in: `wide_dtype` from FP32_ROWS rows on
+    the CPU, else x's own."""
+    rows = x.numel() // x.shape[-1] if rows is None else rows
+    return wide_dtype(x.dtype) if x.device.type == "cpu" and rows >= FP32_ROWS else x.dtype
 
 
 def _gemv(x_K: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
@@ -72,12 +108,33 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> 
     ROWS_MULTIPLE rows or more, computed over x's rows padded with zeros to a multiple of ROWS_MULTIPLE, so the
     shapes a process meets fall into few buckets (see the module docstring). The padding costs a copy of x."""
     rows = x.numel() // x.shape[-1]
+    if w.dtype in PADDED_DTYPES and (dt := product_dtype(x, rows)) != w.dtype and not torch.is_grad_enabled():
+        y = widened_gemm(x.to(dt), lambda n0, n1: w[n0:n1].to(dt), w.shape[0]).to(x.dtype)
+        return y if bias is None else y + bias
     pad = -rows % ROWS_MULTIPLE
     if (pad == 0 or rows < ROWS_MULTIPLE or x.device.type != "cpu" or w.dtype not in PADDED_DTYPES
             or torch.is_grad_enabled()):
         return F.linear(x, w, bias)
     x_padded = torch.cat([x.reshape(rows, x.shape[-1]), x.new_zeros(pad, x.shape[-1])])
     return F.linear(x_padded, w, bias)[:rows].view(*x.shape[:-1], w.shape[0])
+
+
+def widened_gemm(x: torch.Tensor, widen: Callable[[int, int], torch.Tensor], out_features: int,
+                 align: int = 1) -> torch.Tensor:
+    """x Wᵀ for a W stored narrower than x (quantized, or half precision under fp32 products), widened to x's
+    dtype for the GEMM a row chunk at a time: `widen(n0, n1)` gives W[n0:n1] (chunks of a multiple of `align`
+    rows, at most about DEQUANT_CHUNK weights each, and of even sizes: no short last chunk of one block, which
+    the compiled int4 widening would compile again for)."""
+    most = max(align, DEQUANT_CHUNK // x.shape[-1] // align * align)
+    if out_features <= most:
+        return gemm(x, widen(0, out_features))
+    chunks = -(-out_features // most)
+    step = -(-out_features // chunks // align) * align
+    out = x.new_empty(*x.shape[:-1], out_features)
+    for n0 in range(0, out_features, step):
+        n1 = min(out_features, n0 + step)
+        out[..., n0:n1] = gemm(x, widen(n0, n1))
+    return out
 
 
 class Linear(nn.Linear):

@@ -16,6 +16,7 @@ attention folds into the query and output) is decided by `routed.quant.linear`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from routed.model.gemv import gemm
+from routed.model.gemv import product_dtype, widened_gemm
 
 log = logging.getLogger(__name__)
 INNER_K_TILES = 2
@@ -38,10 +39,6 @@ DEQUANT_ROWS_INT8 = 32
 # garbage or NaN, or crashes (torch 2.13, this CPU). Such weights take the widened GEMM whatever their rows.
 INT8_KERNEL_K_MULTIPLE = 16
 DEQUANT_ROWS_INT4 = 96
-# A weight widened for a GEMM is widened in row chunks of about this many weights, so the transients stay a few
-# MB whatever the weight (DeepSeek-V3's o_proj, 117 M weights, widened whole to bf16 through int4's fp32 steps:
-# ~1.2 GB at once). `small`'s experts (1 M weights each) take one chunk; its dense MLP (5.8 M) six.
-DEQUANT_CHUNK = 2**20
 
 
 @dataclass(slots=True, frozen=True)
@@ -205,23 +202,6 @@ def dequantize_packed_int4(packed: torch.Tensor, scales_zeros: torch.Tensor,
     return None if wt is None else wt.t()
 
 
-def widened_gemm(x: torch.Tensor, widen: Callable[[int, int], torch.Tensor], out_features: int,
-                 align: int = 1) -> torch.Tensor:
-    """x Wᵀ for a quantized W, widened to x's dtype for the float GEMM a row chunk at a time: `widen(n0, n1)` gives
-    W[n0:n1] (chunks of a multiple of `align` rows, at most about DEQUANT_CHUNK weights each, and of even sizes:
-    no short last chunk of one block, which the compiled int4 widening would compile again for)."""
-    most = max(align, DEQUANT_CHUNK // x.shape[-1] // align * align)
-    if out_features <= most:
-        return gemm(x, widen(0, out_features))
-    chunks = -(-out_features // most)
-    step = -(-out_features // chunks // align) * align
-    out = x.new_empty(*x.shape[:-1], out_features)
-    for n0 in range(0, out_features, step):
-        n1 = min(out_features, n0 + step)
-        out[..., n0:n1] = gemm(x, widen(n0, n1))
-    return out
-
-
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     if torch.compiler.is_compiling() and x.numel() == q.shape[-1]:  # one row in a compiled block: fused
@@ -229,8 +209,9 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
             *shape[:-1], q.shape[0])
     # a GEMM, or a weight the int8 kernel cannot take: widen the weight, then the float matmul
     if x.numel() >= DEQUANT_ROWS_INT8 * q.shape[-1] or q.shape[-1] % INT8_KERNEL_K_MULTIPLE:
-        s = scale.to(x.dtype)[:, None]  # one pass (int8 x bf16 promotes): 0.64x the time of two
-        return widened_gemm(x, lambda n0, n1: q[n0:n1] * s[n0:n1], q.shape[0])
+        dt = product_dtype(x)  # fp32 on a CPU without native bf16 products (gemv.wide_dtype)
+        s = scale.to(dt)[:, None]  # one pass (int8 x bf16 promotes): 0.64x the time of two
+        return widened_gemm(x.to(dt), lambda n0, n1: q[n0:n1] * s[n0:n1], q.shape[0]).to(x.dtype)
     out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), q, scale.to(x.dtype))
     return out.view(*shape[:-1], q.shape[0])
 
@@ -253,18 +234,27 @@ def pack_int8_rows(q: torch.Tensor, scale: torch.Tensor) -> object | None:
         return None
 
 
+@functools.cache
+def activation_bits() -> int:
+    """Bits of the activations in `int8_rows_linear`: 8 with VNNI's 32-bit sums, 7 without (see there)."""
+    return 8 if torch.cpu._is_vnni_supported() else 7
+
+
 def int8_rows_linear(x: torch.Tensor, packed: object, out_features: int) -> torch.Tensor:
     """x Wᵀ for a `pack_int8_rows` weight with 8-bit activations, per row: each row is divided by its largest
     |value| and given two extra columns, +1 and −1 (against the weight's zero columns), so that every row spans
     exactly [−1, 1]. FBGEMM's dynamic quantization (one uint8 scale per call) then gives every row the same
     quantization whatever the batch — a row's result does not depend on the rows beside it — and runs the
     product as integer dot products (VNNI): ~2.5x the one-row rate of the weight-only int8 kernel on this CPU.
-    The error is the activations' 8-bit rounding, ~1e-2 of the output's norm (as llama.cpp's Q8_0 dot)."""
+    The error is the activations' 8-bit rounding, ~1e-2 of the output's norm (as llama.cpp's Q8_0 dot).
+    On a CPU without VNNI, FBGEMM multiplies with AVX2's `vpmaddubsw`, whose 16-bit sums of two uint8 × int8
+    products saturate (255 · 127 · 2 > 32767: wrong logits, seen on AMD Zen 3): there the activations take 7 bits
+    (`reduce_range`, as PyTorch advises for such CPUs), which cannot saturate, at twice the rounding error."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).float()
     r = x2.abs().amax(-1, keepdim=True).clamp(min=1e-30)
     ends = torch.tensor([[1.0, -1.0]]).expand(x2.shape[0], 2)
-    y = torch.ops.quantized.linear_dynamic(torch.cat([x2 / r, ends], dim=1), packed, False) * r
+    y = torch.ops.quantized.linear_dynamic(torch.cat([x2 / r, ends], dim=1), packed, activation_bits() == 7) * r
     return y.to(x.dtype).view(*shape[:-1], out_features)
 
 
@@ -275,8 +265,9 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
     # rows first: a compiled one-row step never reads _packed_block (a global dict: guards on every call)
     if x2.shape[0] >= DEQUANT_ROWS_INT4 and (block := _packed_block()) is not None and out_features % block == 0:
         # a GEMM: widen the weight (row chunks of whole blocks of the packed layout), then the float matmul
-        return widened_gemm(x, lambda n0, n1: dequantize_packed_int4(packed[n0:n1], scales_zeros[:, n0:n1], x.dtype),
-                            out_features, block)
+        dt = product_dtype(x2)  # fp32 on a CPU without native bf16 products (gemv.wide_dtype)
+        return widened_gemm(x.to(dt), lambda n0, n1: dequantize_packed_int4(packed[n0:n1], scales_zeros[:, n0:n1], dt),
+                            out_features, block).to(x.dtype)
     if x2.dtype != torch.bfloat16:  # the int4 CPU kernel takes bf16 activations
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.bfloat16(), packed, group_size, scales_zeros)
         out = out.to(x.dtype)
