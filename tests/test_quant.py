@@ -129,7 +129,8 @@ def test_int4_widened_by_the_compiled_kernel_equals_the_stored_nibbles(dtype: to
         assert torch.equal(intq.widen_int4(packed64, sz64, dtype), want64)
 
 
-def test_weights_widened_for_a_gemm_in_row_chunks_give_the_whole_product(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weights_widened_for_a_gemm_in_row_chunks_give_the_whole_product(monkeypatch: pytest.MonkeyPatch,
+                                                                         half_products: bool) -> None:
     """int8 and int4 GEMMs widen their weight in even row chunks of at most ~DEQUANT_CHUNK weights (int4: whole
     blocks of the packed layout, the last chunk short): the same result as widening it whole."""
     w, x = torch.randn(448, 128), torch.randn(intq.DEQUANT_ROWS_INT4, 128, dtype=torch.bfloat16)
