@@ -287,6 +287,11 @@ def _load_shard(spec: LoadSpec, rank: int, world: int, progress: bool) -> Any:
     return load_model(spec.path, spec.dtype, mtp=spec.mtp, quant=spec.quant, progress=progress, shard=shard)
 
 
+# How long rank 0 waits for the workers it started to join, at least: a process starting Python and importing
+# torch on a busy machine took over 3 s here, and a short step timeout (`--ep-timeout`) is for hung steps.
+WORKER_START_S = 120.0
+
+
 def launch(spec: LoadSpec, world: int, timeout_s: float = DEFAULT_TIMEOUT_S, progress: bool = True) -> Any:
     """Rank 0 on this machine: start ranks 1..world-1 (`python -m routed.parallel.worker`), join the group,
     load rank 0's shard. Under torchrun (RANK/WORLD_SIZE set) torchrun starts the other ranks instead."""
@@ -303,14 +308,15 @@ def launch(spec: LoadSpec, world: int, timeout_s: float = DEFAULT_TIMEOUT_S, pro
     else:
         if world < 2:
             raise RoutedError("--ep must be at least 2 for expert parallelism")
-        store = dist.TCPStore("127.0.0.1", 0, world, True, timedelta(seconds=timeout_s), wait_for_workers=False)
+        start_s = max(timeout_s, WORKER_START_S)  # starting Python and importing torch is not a hang
+        store = dist.TCPStore("127.0.0.1", 0, world, True, timedelta(seconds=start_s), wait_for_workers=False)
         for rank in range(1, world):
             job = json.dumps({"spec": asdict(spec), "rank": rank, "world": world, "port": store.port,
                               "timeout_s": timeout_s})
             procs.append(subprocess.Popen([sys.executable, "-m", "routed.parallel.worker", job]))
         threads_before = torch.get_num_threads()
         torch.set_num_threads(spec.threads)  # the ranks share this machine's cores; restored at close()
-        _wait_for_workers(store, procs, timeout_s)
+        _wait_for_workers(store, procs, start_s)
         load_group = _init(0, world, timeout_s, store)
     group = EPGroup(world, load_group, timeout_s, procs)
     group.threads_before = threads_before if env is None else None
