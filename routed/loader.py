@@ -253,7 +253,8 @@ def load_model(
             gemv.enable()
         if int_fmt is not None and int_fmt.bits == 4:  # the prefill's int4 GEMMs widen their weights through it
             with progress_bar("compiling the int4 widening", total=1, enabled=progress) as advance:
-                intq.enable_widen(gemv.wide_dtype(dtype), int_fmt.group_size)  # ~13 s the first time on a machine, ~1 s after
+                # into the dtype the GEMMs run in (fp32 without native bf16 products); ~13 s the first time, ~1 s after
+                intq.enable_widen(gemv.wide_dtype(dtype), int_fmt.group_size)
                 advance()
         if not (offloaded or shard is not None):
             model.compile_decode(progress=progress)
