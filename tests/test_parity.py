@@ -181,6 +181,29 @@ def test_gemm_without_native_bf16_runs_in_fp32_over_row_chunks(rows: int, monkey
     assert torch.equal(y, (x.float() @ w.float().T).bfloat16())
 
 
+def test_a_short_query_chunk_over_widened_keys_attends_in_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without native bf16 products, paged_attention widens a prompt's keys to fp32 once; a last query chunk of
+    fewer than FP32_ROWS queries attends over them in fp32 too (no narrowing of the keys back to bf16): the
+    fp32 attention of its bf16 inputs, rounded once."""
+    from routed.model import gemv
+    from routed.model.attention import attend_expanded
+
+    monkeypatch.setattr(gemv, "native_half_products", lambda dtype: False)
+    g = torch.Generator().manual_seed(3)
+    q_nope, q_pe = torch.randn(1, 2, 4, 16, generator=g).bfloat16(), torch.randn(1, 2, 4, 8, generator=g).bfloat16()
+    k, v = torch.randn(1, 4, 10, 24, generator=g).bfloat16(), torch.randn(1, 4, 10, 16, generator=g).bfloat16()
+    mask = torch.ones(1, 2, 10, dtype=torch.bool).tril(diagonal=8)
+    seen = []
+    matmul = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: seen.append((a.dtype, b.dtype)) or matmul(a, b))
+    out = attend_expanded(q_nope, q_pe, k.float(), v.float(), mask, 0.25, masked_from=8)
+    monkeypatch.setattr(torch, "matmul", matmul)
+    assert seen == [(torch.float32, torch.float32)] * 2 and out.dtype == torch.bfloat16
+    q = torch.cat([q_nope, q_pe], dim=-1).float().mul(0.25).transpose(1, 2)
+    scores = (q @ k.float().transpose(-1, -2)).masked_fill(~mask.unsqueeze(1), float("-inf"))
+    torch.testing.assert_close(out, (torch.softmax(scores, -1) @ v.float()).transpose(1, 2).bfloat16())
+
+
 def test_bf16_softmax_is_fp32_softmax_rounded() -> None:
     """attend_expanded takes the softmax of bf16 scores directly: that must be the fp32 softmax rounded once to
     bf16 (spec trap 14: softmax in fp32), masked keys included."""
