@@ -244,7 +244,7 @@ def load_model(
             module.reset_counters()  # to_empty left them uninitialised
         if isinstance(module, RoutedExperts):
             _copy_duplicate_slots(module)
-    finalize_model(model)
+    finalize_model(model, dtype)
     model.eval()
     for _, gate in model.gates():
         gate.counting = routing_telemetry

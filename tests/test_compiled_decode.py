@@ -47,12 +47,26 @@ def generate(model, folder: Path, prompts: list[list[int]], **config):
     return results, counters, eng.runner.cache.clone()
 
 
-@pytest.mark.parametrize("quant", [None, "int8", "int4"])
-def test_compiled_decode_equals_eager_fp32(folder: Path, quant: str | None) -> None:
+@pytest.mark.parametrize("quant,fused_int8", [(None, None), ("int8", True), ("int8", False), ("int4", None)],
+                         ids=["float", "int8-fused", "int8-kernel", "int4"])
+def test_compiled_decode_equals_eager_fp32(folder: Path, quant: str | None, fused_int8: bool | None,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 both ways a CPU runs it (`intq.FUSED_INT8_LOADS`): fused multiply-sums with the experts gathered in
+    place, or PyTorch's int8 kernel per chosen expert."""
+    from routed.model.experts import RoutedExperts
+    from routed.quant import intq
+
+    if fused_int8 is not None:
+        monkeypatch.setattr(intq, "FUSED_INT8_LOADS", fused_int8)
     model = load_model(folder, torch.float32, progress=False, quant=quant)
     prompts = [[100 + i for i in range(9)], [5000, 17, 4242, 9], [42]]  # one token: its first step has one key
     eager, eager_counts, eager_cache = generate(model, folder, prompts)
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     assert model.compile_decode()
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == breaks  # each call one whole graph
+    experts = next(m for m in model.modules() if isinstance(m, RoutedExperts))
+    assert experts.gathers == (quant is None or fused_int8 is True)
+    assert (experts.few_tokens_fn is not None) == experts.gathers  # batched steps: gathered, or grouped kernels
     plan = model._one_token_plan
     # up to DECODE_CHUNK consecutive blocks per call: the dense first layer and the MoE layers in one
     assert [(first, len(blocks)) for _, first, blocks in plan] == [(0, model.config.num_hidden_layers)]
@@ -83,8 +97,18 @@ def test_compiled_decode_equals_eager_fp32(folder: Path, quant: str | None) -> N
         torch.testing.assert_close(s_f, s_e, rtol=1e-4, atol=1e-4)
 
 
-def test_compiled_decode_bf16_step_matches_eager(tiny_preset: Path) -> None:
-    model = load_model(tiny_preset, "bf16", progress=False)
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_compiled_decode_bf16_step_matches_eager(tiny_preset: Path, quant: str | None,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16, and int8 through PyTorch's kernel (`intq.FUSED_INT8_LOADS` off, as on AVX2): the loaded model holds
+    its int8 scales in bf16, the only way inductor's lowering of the kernel takes them."""
+    from routed.quant import intq
+    from routed.quant.linear import QLinear
+
+    monkeypatch.setattr(intq, "FUSED_INT8_LOADS", False)
+    model = load_model(tiny_preset, "bf16", progress=False, quant=quant)
+    if quant:
+        assert {m.scales.dtype for m in model.modules() if isinstance(m, QLinear)} == {torch.bfloat16}
     assert model.compile_decode()
     for _, gate in model.gates():
         assert int(gate.expert_counts.sum()) == 0  # the warm-up leaves no trace in the telemetry
@@ -155,11 +179,16 @@ def test_compiled_chunks_share_a_graph_across_layers(tmp_path: Path, monkeypatch
 
 
 @pytest.mark.parametrize("quant", [None, "int8"])
-def test_few_token_steps_gather_experts_as_grouped_does(folder: Path, quant: str | None) -> None:
-    """After compile_decode, eager steps of a few tokens (batched decode) run float and int8 experts through the
-    compiled `gathered` when `gather_pays` — equal to the grouped path, for any token count without a compile
-    after load; an engine decoding three sequences together gives the eager model's tokens."""
+def test_few_token_steps_gather_experts_as_grouped_does(folder: Path, quant: str | None,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After compile_decode, eager steps of a few tokens (batched decode) run float and int8 experts (where int8
+    products are fused, `intq.FUSED_INT8_LOADS`: pinned here) through the compiled `gathered` when `gather_pays` —
+    equal to the grouped path, for any token count without a compile after load; an engine decoding three
+    sequences together gives the eager model's tokens."""
     from routed.model.experts import RoutedExperts, gather_pays
+    from routed.quant import intq
+
+    monkeypatch.setattr(intq, "FUSED_INT8_LOADS", True)
 
     def together(prompts: list[list[int]]) -> dict[str, list[int]]:
         eng = LLMEngine(model, Tokenizer.from_pretrained(folder), EngineConfig())

@@ -30,6 +30,7 @@ from routed.model.attention import ATTENTION, ATTN_IMPLS, PagedBatch, paged_atte
 from routed.model.experts import RoutedExperts, gathered
 from routed.model.gemv import Linear
 from routed.progress import progress_bar
+from routed.quant import intq
 
 log = logging.getLogger(__name__)
 
@@ -478,7 +479,8 @@ class Transformer(nn.Module):
         """
         layers = list(self.model.layers)
         try:
-            # int4 experts: each chosen id is read as a size (`int(id)`) and selects a view of its packed weights
+            # int4 (and AVX2's int8) experts: each chosen id is read as a size (`int(id)`) and selects a view of its
+            # weights for the kernel
             torch._dynamo.config.capture_scalar_outputs = True
             # the softmax scale is a constant of the model: baked in, not a symbolic float
             torch._dynamo.config.specialize_float = True
@@ -550,10 +552,13 @@ class Transformer(nn.Module):
         -> 48.2 tok/s once int8 and int4 were compiled in the same process). int4 weights run through PyTorch's
         int4 kernel, ~130 calls per token on `small` (gate and up merged) between the fused loops: launched from
         inductor's C++ wrapper instead of its generated Python, 1.05x the int4 decode speed for a ~55 s longer
-        first compile; the fused loops of float and int8 weights gain ~1% from it, so they keep the Python wrapper."""
+        first compile; int8 weights through PyTorch's int8 kernel (on AVX2, `intq.FUSED_INT8_LOADS`) 1.07x (`small`,
+        the two alternating in one process: 31.0 vs 28.1 tok/s). The fused loops of float and int8 weights gain ~1%
+        from it, so they keep the Python wrapper."""
         own = own_copy(_run_blocks, f"{name}_{id(self):x}")
-        int4 = any(getattr(getattr(m, "fmt", None), "bits", None) == 4 for m in self.model.layers.modules())
-        return torch.compile(own, dynamic=None, options={"guard_filter_fn": _decode_guards, "cpp_wrapper": int4})
+        bits = {fmt.bits for m in self.model.layers.modules() if (fmt := getattr(m, "fmt", None)) is not None}
+        kernels = 4 in bits or (8 in bits and not intq.FUSED_INT8_LOADS)
+        return torch.compile(own, dynamic=None, options={"guard_filter_fn": _decode_guards, "cpp_wrapper": kernels})
 
     def logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_BTD).float()

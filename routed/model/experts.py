@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from routed.model.gemv import PADDED_DTYPES, linear, product_dtype
+from routed.quant import intq
 from routed.quant.intq import (IntFormat, int4_linear, int8_linear, pack_int4, quantize_int4,
                                quantize_int8)
 
@@ -178,7 +179,7 @@ class RoutedExperts(nn.Module):
             counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_ND.device).index_add_(
                 0, topk_ids_NK.flatten(), torch.ones_like(topk_ids_NK.flatten()))
             y = (self._gathered(x_ND, topk_ids_NK, topk_weights_NK) if self.gathers
-                 else self._reference(x_ND, topk_ids_NK, topk_weights_NK))  # int4: ids read as sizes, views
+                 else self._reference(x_ND, topk_ids_NK, topk_weights_NK))  # int4/int8 kernels: ids read as sizes, views
             return y.to(out_dtype or x_ND.dtype), counts_E
         counts_E = torch.bincount(topk_ids_NK.flatten(), minlength=self.num_experts)
         N, K = topk_ids_NK.shape
@@ -204,8 +205,10 @@ class RoutedExperts(nn.Module):
 
     @property
     def gathers(self) -> bool:
-        """Resident float or int8 weights: what `gathered` reads in place (int4 and offloaded experts cannot)."""
-        return self.store is None and (self.fmt is None or self.fmt.bits == 8)
+        """Resident float weights, or int8 ones where the compiled step fuses int8 products (`intq.FUSED_INT8_LOADS`;
+        elsewhere `gathered`'s int8 loads run at a fraction of the bandwidth): what `gathered` reads in place. The
+        others run each chosen expert on its own (`_reference`), int4 and int8 through their kernels."""
+        return self.store is None and (self.fmt is None or (self.fmt.bits == 8 and intq.FUSED_INT8_LOADS))
 
     def _gathered_weights(self) -> tuple[torch.Tensor, ...]:
         if self.fmt is None:

@@ -7,7 +7,9 @@
   (column 2j in the low nibble, 2j+1 in the high one), plus bf16 `scales_zeros` [K/group_size, N, 2];
   repacked at load into the layout of `aten._weight_int4pack_mm_for_cpu`.
 
-Activations stay in the model dtype — except at an int8 lm_head, whose products quantize each row of
+int8 scales are held in the model's dtype once loaded (`finalize_model`). A compiled one-token step runs int8
+products as fused multiply-sums where the CPU has AVX-512, and through `_weight_int8pack_mm` elsewhere
+(`FUSED_INT8_LOADS`). Activations stay in the model dtype — except at an int8 lm_head, whose products quantize each row of
 activations to 8 bits to run as integer dot products (`int8_rows_linear`: the lm_head is 55% of a small model's
 decode bytes, and the weight-only int8 kernel is compute-bound here). Which weights are quantized (every linear in
 attention and feed-forward, experts and lm_head; not the router, not `kv_b_proj`, whose halves the absorbed
@@ -39,6 +41,12 @@ DEQUANT_ROWS_INT8 = 32
 # garbage or NaN, or crashes (torch 2.13, this CPU). Such weights take the widened GEMM whatever their rows.
 INT8_KERNEL_K_MULTIPLE = 16
 DEQUANT_ROWS_INT4 = 96
+# Whether a compiled one-token step runs its int8 products as fused multiply-sums (AVX-512) or through
+# `_weight_int8pack_mm` (AVX2). Inductor loads int8 a vector of 16 at a time, and ATen's AVX2 int8 vector (32
+# lanes) takes a partial load through a scalar copy: the fused loop reads ~2 GB/s there (11264x1024, one row, 2
+# threads, Zen 3: 6.1 ms; the kernel 1.1 ms, cold from memory ~6 GB/s). int8 decode on `small`, same CPU:
+# 12.6 -> ~30 tok/s. With AVX-512 the fused loop reads at the bandwidth (a masked load) and stays.
+FUSED_INT8_LOADS = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 @dataclass(slots=True, frozen=True)
@@ -204,7 +212,7 @@ def dequantize_packed_int4(packed: torch.Tensor, scales_zeros: torch.Tensor,
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     shape = x.shape
-    if torch.compiler.is_compiling() and x.numel() == q.shape[-1]:  # one row in a compiled block: fused
+    if torch.compiler.is_compiling() and x.numel() == q.shape[-1] and FUSED_INT8_LOADS:  # one row, compiled: fused
         return ((q.float() * x.reshape(-1).float()).sum(-1) * scale.to(x.dtype).float()).to(x.dtype).view(
             *shape[:-1], q.shape[0])
     # a GEMM, or a weight the int8 kernel cannot take: widen the weight, then the float matmul
@@ -212,7 +220,10 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         dt = product_dtype(x)  # fp32 on a CPU without native bf16 products (gemv.wide_dtype)
         s = scale.to(dt)[:, None]  # one pass (int8 x bf16 promotes): 0.64x the time of two
         return widened_gemm(x.to(dt), lambda n0, n1: q[n0:n1] * s[n0:n1], q.shape[0]).to(x.dtype)
-    out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), q, scale.to(x.dtype))
+    # the kernel takes scales of x's dtype; in a compiled step, inductor's lowering of it only as they are held
+    # (a converted copy fails it): the loaded model holds them so (`finalize_model`)
+    s = scale if scale.dtype == x.dtype else scale.to(x.dtype)
+    out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), q, s)
     return out.view(*shape[:-1], q.shape[0])
 
 

@@ -114,9 +114,11 @@ def merge_int4_gate_up_(mlp: nn.Module) -> None:
     mlp.gate_up_proj = merged
 
 
-def finalize_model(model: nn.Module) -> None:
-    """Pack int4 weights for the CPU kernel (a SwiGLU's gate and up as one weight); an int8 lm_head for
-    8-bit-activation products (`pack_rows_`)."""
+def finalize_model(model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Pack int4 weights for the CPU kernel (a SwiGLU's gate and up as one weight); int8 scales in `dtype` (the
+    model's: the one-row products round them to it, and the int8 kernel takes them in it — in a compiled step, as
+    they are held), so that every path multiplies the same weights; an int8 lm_head for 8-bit-activation products
+    (`pack_rows_`)."""
     from routed.model.deepseek_v3 import MLP
     from routed.model.experts import RoutedExperts
 
@@ -126,5 +128,8 @@ def finalize_model(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, (QLinear, RoutedExperts)):
             module.finalize_()
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if dtype is not None and name.endswith("scales"):  # int8 only (int4's are `scales_zeros`)
+                    setattr(module, name, buf.to(dtype))
     if isinstance(head := getattr(model, "lm_head", None), QLinear):
         head.pack_rows_()
