@@ -131,11 +131,15 @@ class RoutedExperts(nn.Module):
         if self.fmt.bits != 4:
             return
         gate, up, down = self.gate_proj_qweight, self.up_proj_qweight, self.down_proj_qweight
-        E = len(gate)
-        self._packed["gate_up_proj"] = torch.stack([pack_int4(torch.cat([gate[e], up[e]])) for e in range(E)])
+        (E, I, half_D), half_I = gate.shape, down.shape[2]
+        # packed into their final tensors expert by expert: no list of packed copies beside them (the load's peak)
+        gate_up_packed = self._packed["gate_up_proj"] = torch.empty(E, 2 * I, half_D, dtype=torch.uint8)
+        down_packed = self._packed["down_proj"] = torch.empty(E, down.shape[1], half_I, dtype=torch.uint8)
+        for e in range(E):
+            gate_up_packed[e] = pack_int4(torch.cat([gate[e], up[e]]))
+            down_packed[e] = pack_int4(down[e])
         self._packed["gate_up_proj_scales_zeros"] = torch.cat([self.gate_proj_scales_zeros,
                                                                self.up_proj_scales_zeros], dim=2)
-        self._packed["down_proj"] = torch.stack([pack_int4(down[e]) for e in range(E)])
         for name in PROJS:
             setattr(self, f"{name}_qweight", torch.empty(0, dtype=torch.uint8))
         for name in ("gate_proj", "up_proj"):
