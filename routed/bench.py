@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from routed.config import EngineConfig
+from routed.config import EngineConfig, ModelConfig
 from routed.engine.engine import LLMEngine
 from routed.errors import RoutedError
 from routed.loader import load_model
@@ -189,7 +189,12 @@ def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: 
           compare_transformers: bool = False, progress: bool = True, max_ram_gb: float | None = None,
           ep: int = 1, placement: str | None = None, ep_timeout_s: float = 120.0) -> dict[str, Any]:
     bandwidth = memory_bandwidth_gbs()  # before the load: its buffers, freed since, never add to the weights' peak
-    runtime_rss = runtime_rss_bytes()
+    ModelConfig.from_pretrained(path)  # a wrong folder: the checkpoint's error, before the tokenizer's
+    before_tokenizer = runtime_rss_bytes()
+    # the tokenizer is a fixed cost of serving, whatever the weights (a 129280-token BPE: ~75 MB resident): runtime
+    tok = Tokenizer.from_pretrained(path)
+    runtime_rss = _rss_bytes()
+    tokenizer_rss = None if runtime_rss is None or before_tokenizer is None else runtime_rss - before_tokenizer
     start = time.perf_counter()
     if ep > 1:  # expert parallelism: ranks 1.. on this machine share the cores with rank 0
         if max_ram_gb:
@@ -200,7 +205,6 @@ def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: 
         model = load_model(path, dtype, progress=progress, quant=quant, max_ram_gb=max_ram_gb, routing_telemetry=False)
     load_s = time.perf_counter() - start
     weight_bytes = model_bytes(model)
-    tok = Tokenizer.from_pretrained(path)
     config = EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=max(prompt_len, max(batches)),
                           kv_cache_gb=0.5, enable_prefix_caching=False, routing_telemetry=False)
     engine = LLMEngine(model, tok, config)
@@ -247,6 +251,7 @@ def bench(path: str | Path, prompt_len: int = 512, gen_len: int = 128, batches: 
         "dtype": dtype, "quant": quant, "max_ram_gb": max_ram_gb, "threads": torch.get_num_threads(),
         "engine": engine_info(model), "load_seconds": load_s,
         "weight_bytes": weight_bytes, "peak_rss_bytes": peak_rss, "runtime_rss_bytes": runtime_rss,
+        "tokenizer_rss_bytes": tokenizer_rss,
         "memory_bandwidth_gbs": bandwidth,
         "kv_cache_bytes": engine.runner.cache.numel() * engine.runner.cache.element_size(),
         "runs": runs,

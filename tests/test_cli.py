@@ -94,6 +94,7 @@ def test_bench_json_and_quantize(tiny_preset: Path, tmp_path: Path) -> None:
     assert 0 < out["kv_cache_bytes"] <= 2**29  # the bench's engine: a latent cache of at most 0.5 GiB
     # the runtime before any weight (Python, PyTorch) is measured apart; the weights come on top of it
     assert 50e6 < out["runtime_rss_bytes"] < out["peak_rss_bytes"] - out["weight_bytes"]
+    assert out["tokenizer_rss_bytes"] is not None  # counted in the runtime: a fixed cost, not the weights'
     res = run("quantize", "--model", str(tiny_preset), "--to", "int8", "--out", str(tmp_path / "q8"),
               "--check-tokens", "64", "--json")
     assert res.returncode == 0, res.stderr
