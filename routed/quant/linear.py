@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from routed.malloc import release_freed_memory
 from routed.quant.intq import (IntFormat, int4_fits, int4_linear, int8_linear, int8_rows_linear, pack_int4,
                                pack_int8_rows, quantize_int4, quantize_int8)
 
@@ -128,6 +129,10 @@ def finalize_model(model: nn.Module, dtype: torch.dtype | None = None) -> None:
     for module in model.modules():
         if isinstance(module, (QLinear, RoutedExperts)):
             module.finalize_()
+            if isinstance(module, RoutedExperts) and module.fmt is not None and module.fmt.bits == 4:
+                # the layer's unpacked weights (heap blocks below the mmap threshold), freed: back to the system
+                # now, not held to the end of the load by `keep_freed_memory`'s thresholds (the load's peak)
+                release_freed_memory()
             for name, buf in list(module.named_buffers(recurse=False)):
                 if dtype is not None and name.endswith("scales"):  # int8 only (int4's are `scales_zeros`)
                     setattr(module, name, buf.to(dtype))
