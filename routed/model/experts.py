@@ -183,7 +183,7 @@ class RoutedExperts(nn.Module):
             counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_ND.device).index_add_(
                 0, topk_ids_NK.flatten(), torch.ones_like(topk_ids_NK.flatten()))
             y = (self._gathered(x_ND, topk_ids_NK, topk_weights_NK) if self.gathers
-                 else self._reference(x_ND, topk_ids_NK, topk_weights_NK))  # int4/int8 kernels: ids read as sizes, views
+                 else self._reference(x_ND, topk_ids_NK, topk_weights_NK))  # kernels: ids read as sizes
             return y.to(out_dtype or x_ND.dtype), counts_E
         counts_E = torch.bincount(topk_ids_NK.flatten(), minlength=self.num_experts)
         N, K = topk_ids_NK.shape

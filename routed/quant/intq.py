@@ -9,8 +9,10 @@
 
 int8 scales are held in the model's dtype once loaded (`finalize_model`). A compiled one-token step runs int8
 products as fused multiply-sums where the CPU has AVX-512, and through `_weight_int8pack_mm` elsewhere
-(`FUSED_INT8_LOADS`). Activations stay in the model dtype — except at an int8 lm_head, whose products quantize each row of
-activations to 8 bits to run as integer dot products (`int8_rows_linear`: the lm_head is 55% of a small model's
+(`FUSED_INT8_LOADS`).
+
+Activations stay in the model dtype — except at an int8 lm_head, whose products quantize each row of activations
+to 8 bits to run as integer dot products (`int8_rows_linear`: the lm_head is 55% of a small model's
 decode bytes, and the weight-only int8 kernel is compute-bound here). Which weights are quantized (every linear in
 attention and feed-forward, experts and lm_head; not the router, not `kv_b_proj`, whose halves the absorbed
 attention folds into the query and output) is decided by `routed.quant.linear`.
@@ -45,7 +47,7 @@ DEQUANT_ROWS_INT4 = 96
 # `_weight_int8pack_mm` (AVX2). Inductor loads int8 a vector of 16 at a time, and ATen's AVX2 int8 vector (32
 # lanes) takes a partial load through a scalar copy: the fused loop reads ~2 GB/s there (11264x1024, one row, 2
 # threads, Zen 3: 6.1 ms; the kernel 1.1 ms, cold from memory ~6 GB/s). int8 decode on `small`, same CPU:
-# 12.6 -> ~30 tok/s. With AVX-512 the fused loop reads at the bandwidth (a masked load) and stays.
+# 12.6 -> 24.7-31.7 tok/s. With AVX-512 the fused loop reads at the bandwidth (a masked load) and stays.
 FUSED_INT8_LOADS = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 

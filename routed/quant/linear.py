@@ -133,8 +133,8 @@ def finalize_model(model: nn.Module, dtype: torch.dtype | None = None) -> None:
                 # the layer's unpacked weights (heap blocks below the mmap threshold), freed: back to the system
                 # now, not held to the end of the load by `keep_freed_memory`'s thresholds (the load's peak)
                 release_freed_memory()
-            for name, buf in list(module.named_buffers(recurse=False)):
-                if dtype is not None and name.endswith("scales"):  # int8 only (int4's are `scales_zeros`)
+            for name, buf in list(module.named_buffers(recurse=False)) if dtype is not None else []:
+                if name.endswith("scales"):  # int8's (int4's are `scales_zeros`)
                     setattr(module, name, buf.to(dtype))
     if isinstance(head := getattr(model, "lm_head", None), QLinear):
         head.pack_rows_()
