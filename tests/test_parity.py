@@ -156,11 +156,12 @@ def test_gemm_pads_rows_to_a_multiple_and_equals_linear(rows: int, monkeypatch: 
     torch.testing.assert_close(y.float(), (x.float() @ w.float().T), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("rows", [1, 7, 8, 40])
+@pytest.mark.parametrize("rows", [1, 7, 8, 16, 40])
 def test_gemm_without_native_bf16_runs_in_fp32_over_row_chunks(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """gemv.gemm on a CPU without native bf16 products: from FP32_ROWS rows on, x and the weight widened to fp32
-    (the weight a chunk of rows at a time), the fp32 product rounded once to bf16 — F.linear in fp32, rounded;
-    fewer rows take the bf16 product as they are."""
+    (the weight a chunk of rows at a time), the fp32 product rounded once to bf16 — F.linear in fp32, rounded (up
+    to ROWS_MULTIPLE rows, as W xᵀ: the same products, summed in the BLAS's order for that shape); fewer rows take
+    the bf16 product as they are."""
     from routed.model import gemv
 
     monkeypatch.setattr(gemv, "native_half_products", lambda dtype: False)
@@ -169,16 +170,21 @@ def test_gemm_without_native_bf16_runs_in_fp32_over_row_chunks(rows: int, monkey
     x = torch.randn(1, rows, 96, generator=g).bfloat16()
     w = torch.randn(48, 96, generator=g).bfloat16()
     seen = []
-    linear = torch.nn.functional.linear
+    linear, mm = torch.nn.functional.linear, torch.mm
     monkeypatch.setattr(gemv.F, "linear", lambda a, b, bias=None: seen.append((a.dtype, b.shape[0])) or linear(a, b, bias))
+    monkeypatch.setattr(gemv.torch, "mm", lambda a, b: seen.append((a.dtype, a.shape[0])) or mm(a, b))
     with torch.inference_mode():
         y = gemv.gemm(x, w)
+    monkeypatch.setattr(gemv.torch, "mm", mm)
     assert y.shape == (1, rows, 48) and y.dtype == torch.bfloat16
     if rows < gemv.FP32_ROWS:
         assert seen == [(torch.bfloat16, 48)]
         return
     assert seen == [(torch.float32, 16)] * 3
-    assert torch.equal(y, (x.float() @ w.float().T).bfloat16())
+    if rows > gemv.ROWS_MULTIPLE:
+        assert torch.equal(y, (x.float() @ w.float().T).bfloat16())
+    else:  # fp32 sums in another order, rounded once: within a bf16 rounding of the fp32 product
+        torch.testing.assert_close(y.float(), x.float() @ w.float().T, rtol=2**-8, atol=1e-6)
 
 
 def test_a_short_query_chunk_over_widened_keys_attends_in_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
