@@ -134,8 +134,8 @@ def widened_gemm(x: torch.Tensor, widen: Callable[[int, int], torch.Tensor], out
     if rows <= ROWS_MULTIPLE and x.dtype == torch.float32 and x.device.type == "cpu":
         x2 = x.reshape(rows, x.shape[-1]).t()
 
-        def product(w: torch.Tensor) -> torch.Tensor:  # W x^T: few rows as the narrow side
-            return torch.mm(w, x2).t().view(*x.shape[:-1], w.shape[0])
+        def product(w: torch.Tensor) -> torch.Tensor:  # W x^T: few rows as the narrow side; row-major out, as gemm's
+            return torch.mm(w, x2).t().contiguous().view(*x.shape[:-1], w.shape[0])
     else:
         def product(w: torch.Tensor) -> torch.Tensor:
             return gemm(x, w)
