@@ -9,6 +9,17 @@ as the ratio of medians and as the median of each repeat's own ratio (figures ti
 Prefill: one prompt of --prompt-len random ids, last position's logits (transformers: `logits_to_keep=1`,
 as its generate() does). Decode: --gen-len greedy tokens after a 16-token prompt, batch 1 for every engine,
 batches 8 and 16 for routed bf16.
+
+With `--llama-bench BIN --gguf NAME=FILE ...` llama.cpp joins the same repeats: each GGUF is timed by its own
+`llama-bench` process (pp --prompt-len, then tg --gen-len, batch 1, --threads) between the Python engines'
+figures, so its ratios to transformers come from the same minutes as routed's. `benchmarks/llama_cpp.sh` builds
+llama-bench from the llama.cpp sources on PyPI (the llama-cpp-python sdist) and converts the checkpoint to GGUF
+(bf16, Q8_0, Q4_K_M):
+
+    benchmarks/llama_cpp.sh checkpoints/small /tmp/llama
+    python benchmarks/speed_small.py --model checkpoints/small --threads 2 --repeats 3 \
+        --llama-bench /tmp/llama/bin/llama-bench --gguf bf16=/tmp/llama/small-bf16.gguf \
+        --gguf q8_0=/tmp/llama/small-q8_0.gguf --gguf q4_k_m=/tmp/llama/small-q4_k_m.gguf
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import argparse
 import json
 import random
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -55,6 +67,19 @@ def transformers_runner(path: str, prompt_len: int, gen_len: int):
     return prefill, decode
 
 
+def llama_cpp_runner(binary: str, gguf: str, threads: int, prompt_len: int, gen_len: int):
+    """(prefill, decode) tok/s functions, each one llama-bench process on the GGUF (its own warm-up run first)."""
+
+    def run(*test: str) -> float:
+        cmd = [binary, "-m", gguf, "-t", str(threads), "-r", "1", "-o", "json", *test]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"error: {' '.join(cmd)} failed:\n{done.stderr.strip()[-2000:]}")
+        return float(json.loads(done.stdout)[0]["avg_ts"])
+
+    return (lambda: run("-p", str(prompt_len), "-n", "0")), (lambda: run("-p", "0", "-n", str(gen_len)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -63,7 +88,16 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out")
+    ap.add_argument("--llama-bench", help="llama.cpp's llama-bench binary: time the --gguf files beside the rest")
+    ap.add_argument("--gguf", action="append", default=[], metavar="NAME=FILE",
+                    help="a GGUF of the same checkpoint for --llama-bench (repeatable), e.g. q8_0=small-q8_0.gguf")
     args = ap.parse_args()
+    ggufs = dict(g.partition("=")[::2] for g in args.gguf)
+    if bool(args.llama_bench) != bool(ggufs) or not all(ggufs.values()):
+        ap.error("--llama-bench and --gguf NAME=FILE go together")
+    for f in [args.llama_bench, *ggufs.values()] if ggufs else []:
+        if not Path(f).is_file():
+            ap.error(f"no such file: {f}")
     torch.set_num_threads(args.threads)
     rng = random.Random(0)
     figures: dict[str, list[float]] = {}
@@ -72,6 +106,9 @@ def main() -> None:
         hf_prefill, hf_decode = transformers_runner(args.model, args.prompt_len, args.gen_len)
         hf_prefill(), hf_decode()  # warm-up
     tasks += [("transformers bf16 prefill", hf_prefill), ("transformers bf16 decode b1", hf_decode)]
+    for name, gguf in ggufs.items():
+        prefill, decode = llama_cpp_runner(args.llama_bench, gguf, args.threads, args.prompt_len, args.gen_len)
+        tasks += [(f"llama.cpp {name} prefill", prefill), (f"llama.cpp {name} decode b1", decode)]
     tok = Tokenizer.from_pretrained(args.model)
     engines = {}
     for quant in (None, "int8", "int4"):
