@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from routed.model.gemv import PADDED_DTYPES, linear, product_dtype
+from routed.model.gemv import PADDED_DTYPES, linear, product_dtype, realized
 from routed.quant import intq
 from routed.quant.intq import (IntFormat, int4_linear, int8_linear, pack_int4, quantize_int4,
                                quantize_int8)
@@ -63,7 +63,7 @@ def gathered(x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor,
         q, scale = weights[2 * i][ids_NK], weights[2 * i + 1][ids_NK]
         return ((q.float() * x_NK1X).sum(-1) * scale.to(dtype).float()).to(dtype)
 
-    x_N11D = x_ND.float()[:, None, None, :]
+    x_N11D = realized(x_ND).float()[:, None, None, :]
     h_NKI = F.silu(proj(0, x_N11D)) * proj(1, x_N11D)
     y_NKD = proj(2, h_NKI.float()[:, :, None, :])
     return (y_NKD.float() * w_NK.float()[..., None]).sum(1)

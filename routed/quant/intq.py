@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from routed.model.gemv import product_dtype, widened_gemm
+from routed.model.gemv import product_dtype, realized, widened_gemm
 
 log = logging.getLogger(__name__)
 INNER_K_TILES = 2
@@ -215,7 +215,7 @@ def dequantize_packed_int4(packed: torch.Tensor, scales_zeros: torch.Tensor,
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     if torch.compiler.is_compiling() and x.numel() == q.shape[-1] and FUSED_INT8_LOADS:  # one row, compiled: fused
-        return ((q.float() * x.reshape(-1).float()).sum(-1) * scale.to(x.dtype).float()).to(x.dtype).view(
+        return ((q.float() * realized(x.reshape(-1)).float()).sum(-1) * scale.to(x.dtype).float()).to(x.dtype).view(
             *shape[:-1], q.shape[0])
     # a GEMM, or a weight the int8 kernel cannot take: widen the weight, then the float matmul
     if x.numel() >= DEQUANT_ROWS_INT8 * q.shape[-1] or q.shape[-1] % INT8_KERNEL_K_MULTIPLE:
