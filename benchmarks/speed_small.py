@@ -18,7 +18,7 @@ llama-bench from the llama.cpp sources on PyPI (the llama-cpp-python sdist) and 
 
     benchmarks/llama_cpp.sh checkpoints/small /tmp/llama
     python benchmarks/speed_small.py --model checkpoints/small --threads 2 --repeats 3 \
-        --llama-bench /tmp/llama/bin/llama-bench --gguf bf16=/tmp/llama/small-bf16.gguf \
+        --llama-bench /tmp/llama/build/bin/llama-bench --gguf bf16=/tmp/llama/small-bf16.gguf \
         --gguf q8_0=/tmp/llama/small-q8_0.gguf --gguf q4_k_m=/tmp/llama/small-q4_k_m.gguf
 """
 
