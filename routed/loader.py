@@ -35,6 +35,7 @@ from routed.model.experts import RoutedExperts
 from routed.progress import progress_bar
 from routed.quant import fp8, intq
 from routed.quant.intq import IntFormat, quantize_int4, quantize_int8
+from routed.quant import kernels
 from routed.quant.linear import finalize_model, model_bytes, quantize_model
 
 if TYPE_CHECKING:
@@ -244,6 +245,10 @@ def load_model(
             module.reset_counters()  # to_empty left them uninitialised
         if isinstance(module, RoutedExperts):
             _copy_duplicate_slots(module)
+    if int_fmt is not None and int_fmt.bits == 8 and kernels.WANTED:
+        with progress_bar("routed's int8 kernel (built once per machine, ~20 s)", total=1, enabled=progress) as advance:
+            kernels.int_dot()
+            advance()
     finalize_model(model, dtype)
     model.eval()
     for _, gate in model.gates():

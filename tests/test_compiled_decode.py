@@ -47,17 +47,24 @@ def generate(model, folder: Path, prompts: list[list[int]], **config):
     return results, counters, eng.runner.cache.clone()
 
 
-@pytest.mark.parametrize("quant,fused_int8", [(None, None), ("int8", True), ("int8", False), ("int4", None)],
-                         ids=["float", "int8-fused", "int8-kernel", "int4"])
+@pytest.mark.parametrize("quant,fused_int8,int8_dot", [(None, None, None), ("int8", True, False), ("int8", False, False),
+                                                       ("int8", False, True), ("int4", None, None)],
+                         ids=["float", "int8-fused", "int8-kernel", "int8-dot", "int4"])
 def test_compiled_decode_equals_eager_fp32(folder: Path, quant: str | None, fused_int8: bool | None,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """int8 both ways a CPU runs it (`intq.FUSED_INT8_LOADS`): fused multiply-sums with the experts gathered in
-    place, or PyTorch's int8 kernel per chosen expert."""
+                                           int8_dot: bool | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 each way a CPU runs it: fused multiply-sums with the experts gathered in place (AVX-512,
+    `intq.FUSED_INT8_LOADS`), PyTorch's int8 kernel per chosen expert, or routed's `int8_dot` per chosen expert
+    (AVX2, `kernels.int_dot`)."""
     from routed.model.experts import RoutedExperts
-    from routed.quant import intq
+    from routed.quant import intq, kernels
 
     if fused_int8 is not None:
         monkeypatch.setattr(intq, "FUSED_INT8_LOADS", fused_int8)
+    if int8_dot is True and not kernels.int_dot():
+        pytest.skip("routed's int8 kernel runs on AVX2 CPUs only")
+    if int8_dot is False:
+        monkeypatch.setattr(kernels, "int_dot", lambda: False)
+        monkeypatch.setattr(kernels, "INT8_DOT", False)
     model = load_model(folder, torch.float32, progress=False, quant=quant)
     prompts = [[100 + i for i in range(9)], [5000, 17, 4242, 9], [42]]  # one token: its first step has one key
     eager, eager_counts, eager_cache = generate(model, folder, prompts)
@@ -186,9 +193,11 @@ def test_few_token_steps_gather_experts_as_grouped_does(folder: Path, quant: str
     equal to the grouped path, for any token count without a compile after load; an engine decoding three
     sequences together gives the eager model's tokens."""
     from routed.model.experts import RoutedExperts, gather_pays
-    from routed.quant import intq
+    from routed.quant import intq, kernels
 
-    monkeypatch.setattr(intq, "FUSED_INT8_LOADS", True)
+    monkeypatch.setattr(intq, "FUSED_INT8_LOADS", True)  # as with AVX-512, where routed's int8 kernel stays off
+    monkeypatch.setattr(kernels, "int_dot", lambda: False)
+    monkeypatch.setattr(kernels, "INT8_DOT", False)
 
     def together(prompts: list[list[int]]) -> dict[str, list[int]]:
         eng = LLMEngine(model, Tokenizer.from_pretrained(folder), EngineConfig())

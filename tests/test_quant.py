@@ -11,7 +11,7 @@ import routed
 from conftest import make_checkpoint
 from routed.loader import write_checkpoint
 from routed.model import gemv
-from routed.quant import intq
+from routed.quant import intq, kernels
 from routed.quant.intq import (IntFormat, dequantize_int4, dequantize_int8, dequantize_packed_int4, int4_linear,
                                int8_linear, int8_rows_linear, pack_int4, pack_int8_rows, quantize_int4, quantize_int8)
 from routed.quant.linear import QLinear, finalize_model, quantize_model
@@ -21,7 +21,10 @@ FBGEMM = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_e
 
 @pytest.mark.parametrize("rows", [5, intq.DEQUANT_ROWS_INT8])  # the int8 kernel, and dequantize + GEMM
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernel_equals_dequantized_matmul(dtype: torch.dtype, rows: int, half_products: bool) -> None:
+def test_int8_kernel_equals_dequantized_matmul(dtype: torch.dtype, rows: int, half_products: bool,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch's weight-only kernel (routed's own `int8_dot`, where it runs, in tests/test_int_dot.py)."""
+    monkeypatch.setattr(kernels, "int_dot", lambda: False)
     w, x = torch.randn(96, 64), torch.randn(rows, 64, dtype=dtype)
     q, s = quantize_int8(w)
     assert ((dequantize_int8(q, s) - w).abs() <= s[:, None] / 2 + 1e-6).all()  # half a step at most
@@ -64,6 +67,7 @@ def test_int8_rows_kernel_is_the_dequantized_matmul_to_8_bit_activations_and_bat
 
 @FBGEMM
 def test_int8_lm_head_runs_on_packed_rows_and_falls_back_to_weight_only(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "int_dot", lambda: False)  # as where routed's own kernel does not run
     model = torch.nn.Module()
     model.lm_head = torch.nn.Linear(64, 320, bias=False)
     quantize_model(model, IntFormat(8))

@@ -8,12 +8,14 @@
   repacked at load into the layout of `aten._weight_int4pack_mm_for_cpu`.
 
 int8 scales are held in the model's dtype once loaded (`finalize_model`). A compiled one-token step runs int8
-products as fused multiply-sums where the CPU has AVX-512, and through `_weight_int8pack_mm` elsewhere
-(`FUSED_INT8_LOADS`).
+products as fused multiply-sums where the CPU has AVX-512 (`FUSED_INT8_LOADS`). Products of a few rows, and every
+one-row product without AVX-512, run on routed's own `int8_dot` where it is built (AVX2 CPUs: 8-bit activations
+per block of 32 and integer dot products, `routed.quant.kernels`), else on `_weight_int8pack_mm`.
 
-Activations stay in the model dtype — except at an int8 lm_head, whose products quantize each row of activations
-to 8 bits to run as integer dot products (`int8_rows_linear`: the lm_head is 55% of a small model's
-decode bytes, and the weight-only int8 kernel is compute-bound here). Which weights are quantized (every linear in
+Activations stay in the model dtype — except in `int8_dot` (above), and at an int8 lm_head where it is not built,
+whose products quantize each row of activations to 8 bits to run as FBGEMM's integer dot products
+(`int8_rows_linear`: the lm_head is 55% of a small model's decode bytes, and the weight-only int8 kernel is
+compute-bound there). Which weights are quantized (every linear in
 attention and feed-forward, experts and lm_head; not the router, not `kv_b_proj`, whose halves the absorbed
 attention folds into the query and output) is decided by `routed.quant.linear`.
 """
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from routed.model.gemv import product_dtype, realized, widened_gemm
+from routed.quant import kernels
 
 log = logging.getLogger(__name__)
 INNER_K_TILES = 2
@@ -222,11 +225,35 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         dt = product_dtype(x)  # fp32 on a CPU without native bf16 products (gemv.wide_dtype)
         s = scale.to(dt)[:, None]  # one pass (int8 x bf16 promotes): 0.64x the time of two
         return widened_gemm(x.to(dt), lambda n0, n1: q[n0:n1] * s[n0:n1], q.shape[0]).to(x.dtype)
+    if q.shape[-1] % 32 == 0 and (kernels.INT8_DOT if torch.compiler.is_compiling() else kernels.int_dot()):
+        return torch.ops.routed.int8_dot(x, q, scale)  # AVX2: 8-bit activations, integer dot products
     # the kernel takes scales of x's dtype; in a compiled step, inductor's lowering of it only as they are held
     # (a converted copy fails it): the loaded model holds them so (`finalize_model`)
     s = scale if scale.dtype == x.dtype else scale.to(x.dtype)
     out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), q, s)
     return out.view(*shape[:-1], q.shape[0])
+
+
+def quantize_activations_q8(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> int8 [M, K] and fp32 steps [M, K/block]: each block of `block` activations rounded to steps of
+    max|x|/127 (to nearest, ties to even), as `int8_dot` quantizes them (llama.cpp's Q8_0 activations)."""
+    M, K = x.shape
+    xb = x.float().reshape(M, K // block, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return torch.round(xb * inv).to(torch.int8).reshape(M, K), (amax / 127.0).squeeze(-1)
+
+
+def int8_dot_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """The slow twin of `torch.ops.routed.int8_dot`: x's rows quantized per block (`quantize_activations_q8`),
+    each block's dot product with the int8 weight exact (integers), summed with the blocks' steps, times the
+    weight's row scale; in float64, returned in x's dtype."""
+    shape, (N, K) = x.shape, q.shape
+    xq, d = quantize_activations_q8(x.reshape(-1, K), block)
+    nb = K // block
+    dots = torch.einsum("mbi,nbi->mnb", xq.view(-1, nb, block).double(), q.view(N, nb, block).double())  # exact
+    y = (dots * d.double()[:, None, :]).sum(-1) * scale.float().double()
+    return y.to(x.dtype).view(*shape[:-1], N)
 
 
 def pack_int8_rows(q: torch.Tensor, scale: torch.Tensor) -> object | None:

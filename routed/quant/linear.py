@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from routed.malloc import release_freed_memory
+from routed.quant import kernels
 from routed.quant.intq import (IntFormat, int4_fits, int4_linear, int8_linear, int8_rows_linear, pack_int4,
                                pack_int8_rows, quantize_int4, quantize_int8)
 
@@ -69,8 +70,10 @@ class QLinear(nn.Module):
     def pack_rows_(self) -> None:
         """int8: run from now on through `int8_rows_linear` (8-bit activations per row, integer dot products);
         the packed copy replaces `qweight`. For the lm_head, the one large product outside the compiled decode
-        block (which reads `qweight` itself). Stays on the weight-only kernels where FBGEMM is missing."""
-        if self.fmt.bits != 8 or self._rows is not None:
+        block (which reads `qweight` itself). Stays on the weight-only kernels where FBGEMM is missing, and on
+        routed's own integer dot products where they run (AVX2 without VNNI, where FBGEMM's 16-bit sums force
+        7-bit activations: `kernels.int_dot`)."""
+        if self.fmt.bits != 8 or self._rows is not None or kernels.int_dot():
             return
         if (rows := pack_int8_rows(self.qweight, self.scales)) is not None:
             self._rows, self._rows_bytes = rows, self.qweight.numel() + 2 * self.out_features
@@ -126,6 +129,8 @@ def finalize_model(model: nn.Module, dtype: torch.dtype | None = None) -> None:
     for module in list(model.modules()):
         if isinstance(module, MLP):
             merge_int4_gate_up_(module)
+        if getattr(module, "fmt", None) is not None and module.fmt.bits == 8:
+            kernels.int_dot()  # built (or loaded) now, before a compiled step reads whether it is there
     for module in model.modules():
         if isinstance(module, (QLinear, RoutedExperts)):
             module.finalize_()

@@ -1,0 +1,54 @@
+"""routed's own CPU kernels (`csrc/`), built at first use by `torch.utils.cpp_extension` and registered as
+PyTorch operators (`torch.ops.routed.*`), which a compiled step calls like any ATen kernel.
+
+Only where PyTorch has nothing as fast: on x86 CPUs with AVX2 but without AVX-512 (AMD Zen 2/3, older Intel),
+PyTorch's one-row int8 product (`_weight_int8pack_mm`) widens every weight to fp32 and is compute-bound at
+~5.5-7 GB/s; `int8_dot` multiplies 8-bit activations by the int8 weights as integer dot products and reads the
+weights at 10-16 GB/s (`csrc/int_dot.cpp`, BENCHMARKS.md). The build takes ~20 s once per machine (the
+extension cache, `TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); without a C++ compiler it warns
+once and the weight-only kernels stay.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).parent / "csrc" / "int_dot.cpp"
+# Where the kernels run: AVX2 CPUs without AVX-512 (measured there). With AVX-512, inductor's fused int8 loop
+# reads at the bandwidth (`intq.FUSED_INT8_LOADS`) and FBGEMM has VNNI's 32-bit sums.
+WANTED = platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() == "AVX2"
+# Set once `int_dot()` has loaded the kernel: what a compiled region reads (it cannot call the builder)
+INT8_DOT = False
+_registered: list[bool] = []
+
+
+@functools.cache
+def int_dot() -> bool:
+    """Whether `torch.ops.routed.int8_dot` is there: built (or found in the extension cache) and loaded."""
+    if not WANTED or os.environ.get("ROUTED_NO_KERNELS"):
+        return False
+    from torch.utils.cpp_extension import load
+
+    log.info("building routed's int8 dot-product kernel (once per machine, ~20 s)")
+    try:
+        load(name="routed_int_dot", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+             is_python_module=False, verbose=False)
+    except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, a failed build
+        log.warning("routed's int8 kernel could not be built (%s); int8 products stay on PyTorch's weight-only "
+                    "kernel", str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__)
+        return False
+
+    if not _registered:  # once per process (the builder's cache can be cleared, the registration cannot)
+        torch.library.register_fake("routed::int8_dot")(
+            lambda x, w, scale: x.new_empty(*x.shape[:-1], w.shape[0]))
+        _registered.append(True)
+    global INT8_DOT
+    INT8_DOT = True
+    return True

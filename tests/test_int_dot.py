@@ -1,0 +1,109 @@
+"""routed's int8 dot-product kernel (`torch.ops.routed.int8_dot`, AVX2 CPUs without AVX-512): equal to its slow
+twin (`intq.int8_dot_reference`: 8-bit activations per block of 32, exact integer dots), within the activations'
+rounding of the float product, batch-invariant, the same compiled, and what int8 products and the int8 lm_head
+run on where it is built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from routed.quant import intq, kernels
+from routed.quant.intq import IntFormat, dequantize_int8, int8_dot_reference, int8_linear, quantize_int8
+from routed.quant.linear import finalize_model, quantize_model
+
+pytestmark = pytest.mark.skipif(not kernels.int_dot(), reason="routed's int8 kernel runs on AVX2 CPUs only")
+
+
+def _case(rows: int, K: int, N: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(rows * 1000 + K + N)
+    w, x = torch.randn(N, K), torch.randn(rows, K, dtype=dtype)
+    if rows > 2:
+        x[1] *= 1000  # rows of very different scales: each block quantized on its own
+        x[2, 5] = 60  # an outlier
+        x[0, :32] = 0  # an all-zero block
+    q, s = quantize_int8(w)
+    return x, q, s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,K,N", [(1, 1024, 512), (5, 96, 100), (1, 64, 1), (31, 160, 37), (3, 2816, 64)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int8_dot_equals_its_twin(dtype: torch.dtype, rows: int, K: int, N: int, scale_dtype: torch.dtype) -> None:
+    x, q, s = _case(rows, K, N, dtype)
+    s = s.to(scale_dtype)
+    out = torch.ops.routed.int8_dot(x, q, s)
+    twin = int8_dot_reference(x, q, s)
+    assert out.dtype == dtype and out.shape == (rows, N)
+    # the same integers; only the fp32 order of the blocks' sums differs (and one rounding to bf16)
+    tol = (2**-7 if dtype == torch.bfloat16 else 1e-5) * twin.float().abs() + 1e-5 * twin.float().abs().amax()
+    assert ((out.float() - twin.float()).abs() <= tol).all()
+    # and the twin is the float product up to the activations' rounding: half a step per activation
+    xq, d = intq.quantize_activations_q8(x.reshape(-1, K))
+    deq = dequantize_int8(q, s.float())
+    ref = x.float() @ deq.T
+    steps = d.repeat_interleave(32, dim=1)  # [rows, K]: each activation's step
+    bound = (steps / 2) @ deq.abs().T * 1.001 + (ref.abs() / 128 if dtype == torch.bfloat16 else 1e-4)
+    assert ((twin.float() - ref).abs() <= bound).all()
+    assert ((twin.float() - ref).abs() > 1e-6 * ref.abs().amax()).any()  # it is quantized, not exact
+
+
+def test_int8_dot_is_batch_invariant_and_takes_leading_dims() -> None:
+    x, q, s = _case(6, 256, 300, torch.bfloat16)
+    out = torch.ops.routed.int8_dot(x, q, s)
+    assert torch.equal(out, torch.cat([torch.ops.routed.int8_dot(x[i : i + 1], q, s) for i in range(6)]))
+    assert torch.equal(torch.ops.routed.int8_dot(x.view(2, 3, 256), q, s), out.view(2, 3, 300))
+    assert torch.ops.routed.int8_dot(x[:0], q, s).shape == (0, 300)
+
+
+def test_int8_dot_rejects_what_it_cannot_take() -> None:
+    x, q, s = _case(1, 96, 8, torch.float32)
+    for bad, match in [((x[:, :64], q, s), "features"), ((x, q[:, :80].contiguous(), s), "multiple of 32"),
+                       ((x, q.float(), s), "int8"), ((x, q, s[:4]), "scale"), ((x.half(), q, s), "fp32 or bf16")]:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.routed.int8_dot(*bad)
+
+
+def test_int8_dot_compiled_equals_eager() -> None:
+    x, q, s = _case(1, 512, 256, torch.bfloat16)
+    compiled = torch.compile(lambda x: int8_linear(x, q, s), dynamic=False)
+    assert torch.equal(compiled(x), torch.ops.routed.int8_dot(x, q, s))
+
+
+def test_int8_products_and_lm_head_run_on_it() -> None:
+    x, q, s = _case(5, 128, 64, torch.bfloat16)
+    assert torch.equal(int8_linear(x, q, s), torch.ops.routed.int8_dot(x, q, s))  # a few rows
+    x32 = torch.randn(intq.DEQUANT_ROWS_INT8, 128, dtype=torch.bfloat16)  # a GEMM: widened, float products
+    assert torch.allclose(int8_linear(x32, q, s).float(), x32.float() @ dequantize_int8(q, s).T, rtol=2e-2, atol=2e-2)
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(64, 320, bias=False)
+    quantize_model(model, IntFormat(8))
+    finalize_model(model, torch.bfloat16)
+    head = model.lm_head
+    assert head._rows is None and head.qweight.shape == (320, 64)  # not FBGEMM's 7-bit rows: this kernel
+    h = torch.randn(2, 64, dtype=torch.bfloat16)
+    assert torch.equal(head(h), torch.ops.routed.int8_dot(h, head.qweight, head.scales))
+
+
+def test_without_a_compiler_it_warns_once_and_int8_stays_weight_only(monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import torch.utils.cpp_extension
+
+    def no_compiler(**_):
+        raise RuntimeError("Error building extension 'routed_int_dot'\ng++: command not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(kernels, "INT8_DOT", False)
+    kernels.int_dot.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert not kernels.int_dot() and not kernels.int_dot()
+        assert [r.getMessage() for r in caplog.records] == [
+            "routed's int8 kernel could not be built (g++: command not found); int8 products stay on PyTorch's "
+            "weight-only kernel"]
+        x, q, s = _case(3, 64, 16, torch.float32)
+        torch.testing.assert_close(int8_linear(x, q, s), torch.ops.aten._weight_int8pack_mm(x, q, s))
+    finally:
+        kernels.int_dot.cache_clear()
+    monkeypatch.undo()
+    assert kernels.int_dot() and kernels.INT8_DOT  # loaded again from the extension cache
