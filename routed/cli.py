@@ -223,7 +223,7 @@ def cmd_compare_routing(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from routed.config import ModelConfig
-    from routed.loader import load_model, write_checkpoint
+    from routed.loader import load_model, require_empty_folder, write_checkpoint
     from routed.quant.intq import IntFormat
     from routed.quant.linear import quantize_model
     from routed.telemetry.compare import compare_routing
@@ -231,6 +231,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     fmt = IntFormat(8 if args.to == "int8" else 4, args.group_size)
     if (bits := ModelConfig.from_pretrained(args.model).int_quant) is not None:
         raise RoutedError(f"{args.model} is already quantized (int{bits[0]}); quantize the float checkpoint it came from")
+    require_empty_folder(Path(args.out))  # before minutes of loading and quantizing, not after
     model = load_model(args.model, "bf16", progress=not args.json, quant=_as_stored(args.model))
     quantize_model(model, fmt)
     out = write_checkpoint(model, args.model, args.out, {"quantization_config": fmt.as_config(),

@@ -454,6 +454,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
+def require_empty_folder(out: Path) -> None:
+    """An output folder must be new or empty: nothing a user has is overwritten."""
+    if out.exists() and not out.is_dir():
+        raise RoutedError(f"{out} is a file, not a folder; choose a new folder")
+    if out.exists() and any(out.iterdir()):
+        raise RoutedError(f"{out} exists and is not empty; choose a new folder")
+
+
 def write_checkpoint(model: Transformer, source: str | Path, out: str | Path, config_changes: dict,
                      shard_bytes: int = 1 << 30) -> Path:
     """Write `model` in the checkpoint layout it was loaded from (the inverse of the name table), with
@@ -463,8 +471,7 @@ def write_checkpoint(model: Transformer, source: str | Path, out: str | Path, co
     from safetensors.torch import save_file
 
     source, out = Path(source), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise RoutedError(f"{out} exists and is not empty; choose a new folder")
+    require_empty_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     raw = json.loads((source / "config.json").read_text())
     for key, value in config_changes.items():

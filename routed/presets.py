@@ -126,9 +126,10 @@ def _random(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tens
 def write_random_checkpoint(preset: str, out: str | Path, seed: int = 0, fp8_weights: bool = False) -> Path:
     if preset not in PRESETS:
         raise RoutedError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    from routed.loader import require_empty_folder
+
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise RoutedError(f"{out} exists and is not empty; choose a new folder")
+    require_empty_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     raw = dict(PRESETS[preset])
     if fp8_weights:
