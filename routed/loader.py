@@ -245,8 +245,8 @@ def load_model(
             module.reset_counters()  # to_empty left them uninitialised
         if isinstance(module, RoutedExperts):
             _copy_duplicate_slots(module)
-    if int_fmt is not None and int_fmt.bits == 8 and kernels.WANTED:
-        with progress_bar("routed's int8 kernel (built once per machine, ~20 s)", total=1, enabled=progress) as advance:
+    if int_fmt is not None and kernels.WANTED:
+        with progress_bar("routed's int8/int4 kernels (built once per machine, ~25 s)", total=1, enabled=progress) as advance:
             kernels.int_dot()
             advance()
     finalize_model(model, dtype)

@@ -47,24 +47,25 @@ def generate(model, folder: Path, prompts: list[list[int]], **config):
     return results, counters, eng.runner.cache.clone()
 
 
-@pytest.mark.parametrize("quant,fused_int8,int8_dot", [(None, None, None), ("int8", True, False), ("int8", False, False),
-                                                       ("int8", False, True), ("int4", None, None)],
-                         ids=["float", "int8-fused", "int8-kernel", "int8-dot", "int4"])
+@pytest.mark.parametrize("quant,fused_int8,own_kernels", [
+    (None, None, None), ("int8", True, False), ("int8", False, False), ("int8", False, True), ("int4", None, False),
+    ("int4", None, True)], ids=["float", "int8-fused", "int8-kernel", "int8-dot", "int4-kernel", "int4-dot"])
 def test_compiled_decode_equals_eager_fp32(folder: Path, quant: str | None, fused_int8: bool | None,
-                                           int8_dot: bool | None, monkeypatch: pytest.MonkeyPatch) -> None:
+                                           own_kernels: bool | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """int8 each way a CPU runs it: fused multiply-sums with the experts gathered in place (AVX-512,
     `intq.FUSED_INT8_LOADS`), PyTorch's int8 kernel per chosen expert, or routed's `int8_dot` per chosen expert
-    (AVX2, `kernels.int_dot`)."""
+    (AVX2, `kernels.int_dot`); int4 on PyTorch's kernel or routed's `int4_dot`."""
     from routed.model.experts import RoutedExperts
     from routed.quant import intq, kernels
 
     if fused_int8 is not None:
         monkeypatch.setattr(intq, "FUSED_INT8_LOADS", fused_int8)
-    if int8_dot is True and not kernels.int_dot():
-        pytest.skip("routed's int8 kernel runs on AVX2 CPUs only")
-    if int8_dot is False:
+    if own_kernels is True and not (kernels.int_dot() and (quant == "int8" or kernels.INT4_DOT)):
+        pytest.skip("routed's kernels run on AVX2 CPUs only")
+    if own_kernels is False:
         monkeypatch.setattr(kernels, "int_dot", lambda: False)
         monkeypatch.setattr(kernels, "INT8_DOT", False)
+        monkeypatch.setattr(kernels, "INT4_DOT", False)
     model = load_model(folder, torch.float32, progress=False, quant=quant)
     prompts = [[100 + i for i in range(9)], [5000, 17, 4242, 9], [42]]  # one token: its first step has one key
     eager, eager_counts, eager_cache = generate(model, folder, prompts)
@@ -198,6 +199,7 @@ def test_few_token_steps_gather_experts_as_grouped_does(folder: Path, quant: str
     monkeypatch.setattr(intq, "FUSED_INT8_LOADS", True)  # as with AVX-512, where routed's int8 kernel stays off
     monkeypatch.setattr(kernels, "int_dot", lambda: False)
     monkeypatch.setattr(kernels, "INT8_DOT", False)
+    monkeypatch.setattr(kernels, "INT4_DOT", False)
 
     def together(prompts: list[list[int]]) -> dict[str, list[int]]:
         eng = LLMEngine(model, Tokenizer.from_pretrained(folder), EngineConfig())

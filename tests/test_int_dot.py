@@ -1,7 +1,7 @@
-"""routed's int8 dot-product kernel (`torch.ops.routed.int8_dot`, AVX2 CPUs without AVX-512): equal to its slow
-twin (`intq.int8_dot_reference`: 8-bit activations per block of 32, exact integer dots), within the activations'
-rounding of the float product, batch-invariant, the same compiled, and what int8 products and the int8 lm_head
-run on where it is built."""
+"""routed's integer dot-product kernels (`torch.ops.routed.int8_dot` / `int4_dot`, AVX2 CPUs without AVX-512):
+equal to their slow twins (`intq.int8_dot_reference` / `int4_dot_reference`: 8-bit activations per block of 32,
+exact integer dots), within the activations' rounding of the float product, batch-invariant, the same compiled,
+and what int8/int4 products (the int8 lm_head too) run on where they are built."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from routed.quant import intq, kernels
-from routed.quant.intq import IntFormat, dequantize_int8, int8_dot_reference, int8_linear, quantize_int8
+from routed.quant.intq import (IntFormat, dequantize_int4, dequantize_int8, int4_dot_reference, int4_linear,
+                               int8_dot_reference, int8_linear, pack_int4, quantize_int4, quantize_int8)
 from routed.quant.linear import finalize_model, quantize_model
 
 pytestmark = pytest.mark.skipif(not kernels.int_dot(), reason="routed's int8 kernel runs on AVX2 CPUs only")
@@ -107,3 +108,42 @@ def test_without_a_compiler_it_warns_once_and_int8_stays_weight_only(monkeypatch
         kernels.int_dot.cache_clear()
     monkeypatch.undo()
     assert kernels.int_dot() and kernels.INT8_DOT  # loaded again from the extension cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,K,N,group", [(1, 1024, 512, 32), (5, 128, 96, 64), (1, 64, 32, 32), (33, 96, 64, 32),
+                                           (3, 2816, 64, 128)])
+def test_int4_dot_equals_its_twin(dtype: torch.dtype, rows: int, K: int, N: int, group: int) -> None:
+    x, _, _ = _case(rows, K, 8, dtype)
+    w = torch.randn(N, K) + torch.linspace(-2, 2, K)  # groups off centre: the zeros matter
+    nibbles, sz = quantize_int4(w, group)
+    packed = pack_int4(nibbles)
+    out = torch.ops.routed.int4_dot(x, packed, sz, group)
+    twin = int4_dot_reference(x, nibbles, sz, group)
+    assert out.dtype == dtype and out.shape == (rows, N)
+    tol = (2**-7 if dtype == torch.bfloat16 else 1e-5) * twin.float().abs() + 1e-5 * twin.float().abs().amax()
+    assert ((out.float() - twin.float()).abs() <= tol).all()
+    # the twin is the float product of the int4 weights up to the activations' rounding, against centred weights
+    _, d = intq.quantize_activations_q8(x.reshape(-1, K))
+    deq = dequantize_int4(nibbles, sz, group)
+    centred = deq - sz[..., 1].float().T.repeat_interleave(group, dim=1)  # (q - 8) s: what the rounding meets
+    ref = x.float() @ deq.T
+    bound = (d.repeat_interleave(32, dim=1) / 2) @ centred.abs().T * 1.001 + (ref.abs() / 128 if dtype == torch.bfloat16
+                                                                              else 1e-4 * ref.abs().amax())
+    assert ((twin.float() - ref).abs() <= bound).all()
+    assert int4_linear(x, packed, sz, group, N).equal(out) == (rows < intq.DEQUANT_ROWS_INT4)  # a GEMM: widened
+
+
+def test_int4_dot_is_batch_invariant_and_rejects_what_it_cannot_take() -> None:
+    x, _, _ = _case(6, 256, 8, torch.bfloat16)
+    nibbles, sz = quantize_int4(torch.randn(64, 256), 32)
+    packed = pack_int4(nibbles)
+    out = torch.ops.routed.int4_dot(x, packed, sz, 32)
+    assert torch.equal(out, torch.cat([torch.ops.routed.int4_dot(x[i : i + 1], packed, sz, 32) for i in range(6)]))
+    compiled = torch.compile(lambda x: int4_linear(x, packed, sz, 32, 64), dynamic=False)
+    assert torch.equal(compiled(x[:1]), out[:1])
+    for bad, match in [((x, packed[:48].contiguous(), sz[:, :48].contiguous(), 32), "multiples of 32"),
+                       ((x, packed, sz, 48), "group size"), ((x[:, :128], packed, sz, 32), "features"),
+                       ((x, packed, sz.float(), 32), "bf16"), ((x.half(), packed, sz, 32), "fp32 or bf16")]:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.routed.int4_dot(*bad)

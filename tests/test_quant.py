@@ -87,7 +87,10 @@ def test_int8_lm_head_runs_on_packed_rows_and_falls_back_to_weight_only(monkeypa
 
 @pytest.mark.parametrize("rows", [5, intq.DEQUANT_ROWS_INT4])  # the int4 kernel, and unpack + GEMM
 @pytest.mark.parametrize("group", [32, 64])
-def test_int4_kernel_equals_dequantized_matmul(group: int, rows: int, half_products: bool) -> None:
+def test_int4_kernel_equals_dequantized_matmul(group: int, rows: int, half_products: bool,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch's int4 kernel (routed's own `int4_dot`, where it runs, in tests/test_int_dot.py)."""
+    monkeypatch.setattr(kernels, "int_dot", lambda: False)
     w, x = torch.randn(128, 128), torch.randn(rows, 128, dtype=torch.bfloat16)
     nibbles, sz = quantize_int4(w, group)
     assert nibbles.shape == (128, 64) and sz.shape == (128 // group, 128, 2)

@@ -256,6 +256,23 @@ def int8_dot_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bl
     return y.to(x.dtype).view(*shape[:-1], N)
 
 
+def int4_dot_reference(x: torch.Tensor, nibbles: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+                       block: int = 32) -> torch.Tensor:
+    """The slow twin of `torch.ops.routed.int4_dot`, from the stored nibbles: per block of 32 activations,
+    s · step · Σ (q − 8) xq + z · Σ x (exact integers; the zero term from x's float sum), in float64."""
+    shape, (N, half_K) = x.shape, nibbles.shape
+    K = 2 * half_K
+    x2 = x.reshape(-1, K)
+    xq, d = quantize_activations_q8(x2, block)
+    nb = K // block
+    q = unpack_nibbles(nibbles).double().view(N, nb, block) - 8
+    dots = torch.einsum("mbi,nbi->mnb", xq.view(-1, nb, block).double(), q)  # exact
+    s, z = (scales_zeros[..., i].double().T.repeat_interleave(group_size // block, dim=1) for i in (0, 1))  # [N, nb]
+    xs = x2.float().view(-1, nb, block).sum(-1).double()
+    y = (dots * d.double()[:, None, :] * s + z * xs[:, None, :]).sum(-1)
+    return y.to(x.dtype).view(*shape[:-1], N)
+
+
 def pack_int8_rows(q: torch.Tensor, scale: torch.Tensor) -> object | None:
     """int8 [N, K] + scale [N] -> FBGEMM's prepacked weight for `int8_rows_linear` (two zero columns appended,
     see there); None where PyTorch has no FBGEMM (not x86). The packed copy holds the weight: drop `q` after."""
@@ -308,6 +325,9 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
         dt = product_dtype(x2)  # fp32 on a CPU without native bf16 products (gemv.wide_dtype)
         return widened_gemm(x.to(dt), lambda n0, n1: dequantize_packed_int4(packed[n0:n1], scales_zeros[:, n0:n1], dt),
                             out_features, block).to(x.dtype)
+    if group_size % 32 == 0 and out_features % 32 == 0 and (
+            kernels.INT4_DOT if torch.compiler.is_compiling() else kernels.int_dot() and kernels.INT4_DOT):
+        return torch.ops.routed.int4_dot(x, packed, scales_zeros, group_size)  # AVX2: integer dot products
     if x2.dtype != torch.bfloat16:  # the int4 CPU kernel takes bf16 activations
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.bfloat16(), packed, group_size, scales_zeros)
         out = out.to(x.dtype)

@@ -4,7 +4,8 @@ PyTorch operators (`torch.ops.routed.*`), which a compiled step calls like any A
 Only where PyTorch has nothing as fast: on x86 CPUs with AVX2 but without AVX-512 (AMD Zen 2/3, older Intel),
 PyTorch's one-row int8 product (`_weight_int8pack_mm`) widens every weight to fp32 and is compute-bound at
 ~5.5-7 GB/s; `int8_dot` multiplies 8-bit activations by the int8 weights as integer dot products and reads the
-weights at 10-16 GB/s (`csrc/int_dot.cpp`, BENCHMARKS.md). The build takes ~20 s once per machine (the
+weights at 10-16 GB/s (`csrc/int_dot.cpp`, BENCHMARKS.md); `int4_dot` does the same for int4 weights in the
+layout of PyTorch's `_weight_int4pack_mm_for_cpu` (1.4-2.1x its one-row rate). The build takes ~20 s once per machine (the
 extension cache, `TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); without a C++ compiler it warns
 once and the weight-only kernels stay.
 """
@@ -24,14 +25,16 @@ SOURCE = Path(__file__).parent / "csrc" / "int_dot.cpp"
 # Where the kernels run: AVX2 CPUs without AVX-512 (measured there). With AVX-512, inductor's fused int8 loop
 # reads at the bandwidth (`intq.FUSED_INT8_LOADS`) and FBGEMM has VNNI's 32-bit sums.
 WANTED = platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() == "AVX2"
-# Set once `int_dot()` has loaded the kernel: what a compiled region reads (it cannot call the builder)
+# Set once `int_dot()` has loaded the kernels: what a compiled region reads (it cannot call the builder)
 INT8_DOT = False
+INT4_DOT = False
 _registered: list[bool] = []
 
 
 @functools.cache
 def int_dot() -> bool:
-    """Whether `torch.ops.routed.int8_dot` is there: built (or found in the extension cache) and loaded."""
+    """Whether `torch.ops.routed.int8_dot` and `int4_dot` are there: built (or found in the extension cache) and
+    loaded."""
     if not WANTED or os.environ.get("ROUTED_NO_KERNELS"):
         return False
     from torch.utils.cpp_extension import load
@@ -48,7 +51,12 @@ def int_dot() -> bool:
     if not _registered:  # once per process (the builder's cache can be cleared, the registration cannot)
         torch.library.register_fake("routed::int8_dot")(
             lambda x, w, scale: x.new_empty(*x.shape[:-1], w.shape[0]))
+        torch.library.register_fake("routed::int4_dot")(
+            lambda x, packed, scales_zeros, group: x.new_empty(*x.shape[:-1], packed.shape[0]))
         _registered.append(True)
-    global INT8_DOT
+    from routed.quant.intq import _packed_block
+
+    global INT8_DOT, INT4_DOT
     INT8_DOT = True
+    INT4_DOT = _packed_block() == 32  # int4_dot reads PyTorch's AVX2 packing in place
     return True

@@ -129,7 +129,7 @@ def finalize_model(model: nn.Module, dtype: torch.dtype | None = None) -> None:
     for module in list(model.modules()):
         if isinstance(module, MLP):
             merge_int4_gate_up_(module)
-        if getattr(module, "fmt", None) is not None and module.fmt.bits == 8:
+        if getattr(module, "fmt", None) is not None:
             kernels.int_dot()  # built (or loaded) now, before a compiled step reads whether it is there
     for module in model.modules():
         if isinstance(module, (QLinear, RoutedExperts)):

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace {
 
@@ -21,7 +22,8 @@ constexpr int64_t QK = 32;        // activations per quantization block
 constexpr int64_t PREFETCH = 512;  // bytes of weights ahead, within and across rows (rows are contiguous)
 
 template <typename T>
-void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* q, float* d) {
+void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* q, float* d, float* sums = nullptr,
+                   int32_t* qsums = nullptr) {
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < K / QK; ++b) {
       const T* xb = x + m * K + b * QK;
@@ -32,7 +34,17 @@ void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* q, float* d) {
       }
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       d[m * (K / QK) + b] = amax / 127.f;
-      for (int i = 0; i < QK; ++i) q[m * K + b * QK + i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+      if (sums) {
+        float sum = 0.f;
+        for (int i = 0; i < QK; ++i) sum += v[i];
+        sums[m * (K / QK) + b] = sum;
+      }
+      int32_t qsum = 0;
+      for (int i = 0; i < QK; ++i) {
+        q[m * K + b * QK + i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+        qsum += q[m * K + b * QK + i];
+      }
+      if (qsums) qsums[m * (K / QK) + b] = qsum;
     }
   }
 }
@@ -108,7 +120,143 @@ at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return out;
 }
 
+
+// int4, read in place in the layout of PyTorch's `_weight_int4pack_mm_for_cpu` on AVX2 (`intq._packed_block`
+// = 32): the packed [N, K/2] bytes are [N/32, K, 16], byte (b, k, j) holding row 32b + j in its low nibble and
+// row 32b + 16 + j in its high one; scales and zeros [K/group, N, 2] (bf16), W = (q - 8) s + z.
+// 32 bytes are columns k and k+1 of a block of 32 rows. Low nibbles (rows 0-15) and high ones (16-31) are
+// multiplied by x_k in the low 128-bit lane and x_k+1 in the high one, once against (x, 0) byte pairs (even
+// rows) and once against (0, x) (odd rows): `vpmaddubsw` with no shuffle of the weights. Each 16-bit lane sums
+// 16 products of at most 15 * 127 per block of 32 activations (< 32767); per block, per row,
+// y += s dx (dot - 8 sum(xq)) + z sum(x): the weights centred (q - 8) before the activations' rounding meets them,
+// and the zero term exact (sum(x) the block's float sum).
+inline __m256i widen_rows(__m256i even, __m256i odd, int half) {
+  // int16 sums over the two lanes (columns k, k+1) of 8 even and 8 odd rows -> int32 rows 8*half .. 8*half+7
+  const __m128i e = _mm_add_epi16(_mm256_castsi256_si128(even), _mm256_extracti128_si256(even, 1));
+  const __m128i o = _mm_add_epi16(_mm256_castsi256_si128(odd), _mm256_extracti128_si256(odd, 1));
+  const __m128i rows = half ? _mm_unpackhi_epi16(e, o) : _mm_unpacklo_epi16(e, o);  // r0 r1 r2 ... in order
+  return _mm256_cvtepi16_epi32(rows);
+}
+
+template <typename T>
+void int4_blocks(const uint8_t* P, const at::BFloat16* SZ, const int8_t* xpairs, const float* xd,
+                 const float* xsum, const int32_t* xqsum, T* out, int64_t M, int64_t N, int64_t K, int64_t group, int64_t b0, int64_t b1) {
+  const int64_t nb = K / QK;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i hi_half = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const uint8_t* pb = P + blk * K * 16;
+    if (blk + 1 < b1) {  // the next block's scales: one 128-byte piece per group, each a row of groups apart
+      for (int64_t g = 0; g < K / group; ++g) {
+        const char* next = reinterpret_cast<const char*>(SZ + (g * N + (blk + 1) * 32) * 2);
+        _mm_prefetch(next, _MM_HINT_T0);
+        _mm_prefetch(next + 64, _MM_HINT_T0);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xp = xpairs + m * K * 32;  // per column pair: (x_k, 0) x8 | (x_k+1, 0) x8, then (0, x) x8 | ...
+      __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t b = 0; b < nb; ++b) {
+        __m256i le = _mm256_setzero_si256(), lo = le, he = le, ho = le;
+        for (int64_t p = 0; p < QK / 2; ++p) {
+          const int64_t k = b * QK + 2 * p;
+          _mm_prefetch(reinterpret_cast<const char*>(pb + k * 16 + PREFETCH), _MM_HINT_T0);
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + k * 16));
+          const __m256i wl = _mm256_and_si256(w, m4), wh = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+          const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + k * 32));
+          const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + k * 32 + 32));
+          le = _mm256_add_epi16(le, _mm256_maddubs_epi16(wl, xe));
+          lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(wl, xo));
+          he = _mm256_add_epi16(he, _mm256_maddubs_epi16(wh, xe));
+          ho = _mm256_add_epi16(ho, _mm256_maddubs_epi16(wh, xo));
+        }
+        const __m256i acc[4] = {widen_rows(le, lo, 0), widen_rows(le, lo, 1), widen_rows(he, ho, 0), widen_rows(he, ho, 1)};
+        const __m256 d = _mm256_set1_ps(xd[m * nb + b]), sx = _mm256_set1_ps(xsum[m * nb + b]);
+        const __m256i centre = _mm256_set1_epi32(8 * xqsum[m * nb + b]);
+        const at::BFloat16* sz = SZ + ((b * QK / group) * N + blk * 32) * 2;
+        for (int r = 0; r < 4; ++r) {  // 8 rows' (scale, zero) bf16 pairs: one 32-bit lane each
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + r * 16));
+          const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+          const __m256 zr = _mm256_castsi256_ps(_mm256_and_si256(v, hi_half));
+          f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r], centre)), _mm256_mul_ps(sc, d), f[r]);
+          f[r] = _mm256_fmadd_ps(zr, sx, f[r]);
+        }
+      }
+      alignas(32) float o[32];
+      for (int r = 0; r < 4; ++r) _mm256_store_ps(o + 8 * r, f[r]);
+      for (int i = 0; i < 32; ++i) out[m * N + blk * 32 + i] = static_cast<T>(o[i]);
+    }
+  }
+}
+
+// x's quantized rows as the byte pairs int4_blocks multiplies: per row, per column pair (k, k+1), 64 bytes
+void pair_table(const int8_t* xq, int64_t M, int64_t K, int8_t* table) {
+  // from (x_k, x_k+1) broadcast: byte 0 or 1 of the pair into every other byte, -128 (0x80) gives a zero
+  const __m256i even = _mm256_setr_epi8(0, -128, 0, -128, 0, -128, 0, -128, 0, -128, 0, -128, 0, -128, 0, -128,
+                                        1, -128, 1, -128, 1, -128, 1, -128, 1, -128, 1, -128, 1, -128, 1, -128);
+  const __m256i odd = _mm256_setr_epi8(-128, 0, -128, 0, -128, 0, -128, 0, -128, 0, -128, 0, -128, 0, -128, 0,
+                                       -128, 1, -128, 1, -128, 1, -128, 1, -128, 1, -128, 1, -128, 1, -128, 1);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; k += 2) {
+      int16_t pair;
+      std::memcpy(&pair, xq + m * K + k, 2);
+      const __m256i v = _mm256_set1_epi16(pair);
+      int8_t* t = table + m * K * 32 + k * 32;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t), _mm256_shuffle_epi8(v, even));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t + 32), _mm256_shuffle_epi8(v, odd));
+    }
+  }
+}
+
+// x [..., K] (fp32 or bf16), packed uint8 [N, K/2] (the AVX2 layout above), scales_zeros bf16 [K/group, N, 2]
+at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t group) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "int4_dot: packed must be a contiguous uint8 [N, K/2]");
+  const int64_t N = packed.size(0), K = 2 * packed.size(1);
+  TORCH_CHECK(N % 32 == 0 && K % QK == 0, "int4_dot: out_features and in_features must be multiples of 32, got ", N, ", ", K);
+  TORCH_CHECK(group % QK == 0 && K % group == 0, "int4_dot: the group size must be a multiple of 32 dividing ", K, ", got ", group);
+  TORCH_CHECK(x.size(-1) == K, "int4_dot: x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.is_contiguous() &&
+              scales_zeros.dim() == 3 && scales_zeros.size(0) == K / group && scales_zeros.size(1) == N &&
+              scales_zeros.size(2) == 2, "int4_dot: scales_zeros must be a contiguous bf16 [K/group, N, 2]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int4_dot: x must be fp32 or bf16");
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, x.options());
+  if (M == 0) return out;
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor xd = at::empty({M, K / QK}, x.options().dtype(at::kFloat));
+  at::Tensor xs = at::empty({M, K / QK}, x.options().dtype(at::kFloat));
+  at::Tensor xqs = at::empty({M, K / QK}, x.options().dtype(at::kInt));
+  AT_DISPATCH_SWITCH(x.scalar_type(), "int4_dot", AT_DISPATCH_CASE(at::kFloat, [&] {
+    quantize_rows(x2.data_ptr<scalar_t>(), M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>(),
+                  xqs.data_ptr<int32_t>());
+  }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+    quantize_rows(x2.data_ptr<scalar_t>(), M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>(),
+                  xqs.data_ptr<int32_t>());
+  }));
+  at::Tensor pairs = at::empty({M, K * 32}, x.options().dtype(at::kChar));
+  pair_table(xq.data_ptr<int8_t>(), M, K, pairs.data_ptr<int8_t>());
+  auto run = [&](auto* o) {
+    at::parallel_for(0, N / 32, 1, [&](int64_t b0, int64_t b1) {
+      int4_blocks(packed.data_ptr<uint8_t>(), scales_zeros.data_ptr<at::BFloat16>(), pairs.data_ptr<int8_t>(),
+                  xd.data_ptr<float>(), xs.data_ptr<float>(), xqs.data_ptr<int32_t>(), o, M, N, K, group, b0, b1);
+    });
+  };
+  if (x.scalar_type() == at::kFloat) run(out.data_ptr<float>());
+  else run(out.data_ptr<at::BFloat16>());
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY(routed, m) { m.def("int8_dot(Tensor x, Tensor w, Tensor scale) -> Tensor"); }
-TORCH_LIBRARY_IMPL(routed, CPU, m) { m.impl("int8_dot", &int8_dot); }
+TORCH_LIBRARY(routed, m) {
+  m.def("int8_dot(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("int4_dot(Tensor x, Tensor packed, Tensor scales_zeros, int group) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(routed, CPU, m) {
+  m.impl("int8_dot", &int8_dot);
+  m.impl("int4_dot", &int4_dot);
+}
