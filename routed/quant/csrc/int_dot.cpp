@@ -21,30 +21,52 @@ namespace {
 constexpr int64_t QK = 32;        // activations per quantization block
 constexpr int64_t PREFETCH = 512;  // bytes of weights ahead, within and across rows (rows are contiguous)
 
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const at::BFloat16* x) {  // bf16 -> fp32: the 16 bits into the high half
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Each block of 32 activations rounded to steps of max|x| / 127 (to nearest, ties to even), vectorised; the
+// block's step, and for int4 its float sum and the sum of its rounded values
 template <typename T>
 void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* q, float* d, float* sums = nullptr,
                    int32_t* qsums = nullptr) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < K / QK; ++b) {
       const T* xb = x + m * K + b * QK;
-      float v[QK], amax = 0.f;
-      for (int i = 0; i < QK; ++i) {
-        v[i] = static_cast<float>(xb[i]);
-        amax = std::max(amax, std::fabs(v[i]));
-      }
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      d[m * (K / QK) + b] = amax / 127.f;
+      __m256 v[4];
+      for (int i = 0; i < 4; ++i) v[i] = load8(xb + 8 * i);
+      __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+      __m128 a = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+      a = _mm_max_ss(a, _mm_movehdup_ps(a));
+      const float mx = _mm_cvtss_f32(a);
+      const __m256 inv = _mm256_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
+      d[m * (K / QK) + b] = mx / 127.f;
+      __m256i r[4];
+      for (int i = 0; i < 4; ++i)
+        r[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
       if (sums) {
-        float sum = 0.f;
-        for (int i = 0; i < QK; ++i) sum += v[i];
-        sums[m * (K / QK) + b] = sum;
+        sums[m * (K / QK) + b] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+        const __m256i t = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+        alignas(32) int32_t lanes[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), t);
+        int32_t qsum = 0;
+        for (int i = 0; i < 8; ++i) qsum += lanes[i];
+        qsums[m * (K / QK) + b] = qsum;
       }
-      int32_t qsum = 0;
-      for (int i = 0; i < QK; ++i) {
-        q[m * K + b * QK + i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
-        qsum += q[m * K + b * QK + i];
-      }
-      if (qsums) qsums[m * (K / QK) + b] = qsum;
+      const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + m * K + b * QK), _mm256_permutevar8x32_epi32(packed, order));
     }
   }
 }
@@ -56,11 +78,6 @@ inline __m256 dot32(const int8_t* w, const int8_t* x) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 
 template <typename T, typename S>
 void int8_rows(const int8_t* W, const S* scale, const int8_t* xq, const float* xd, T* out, int64_t M, int64_t N,
@@ -85,6 +102,44 @@ void int8_rows(const int8_t* W, const S* scale, const int8_t* xq, const float* x
   }
 }
 
+// x's rows quantized per block of 32 (with, for int4, the blocks' float and integer sums and the byte-pair table
+// int4_blocks multiplies), in one scratch allocation: a decode step makes ~140 of these calls
+struct Quantized {
+  at::Tensor buffer;
+  int8_t* q = nullptr;
+  float* d = nullptr;
+  float* sum = nullptr;
+  int32_t* qsum = nullptr;
+  int8_t* pairs = nullptr;
+};
+
+void pair_table(const int8_t* xq, int64_t M, int64_t K, int8_t* table);
+
+Quantized quantize(const at::Tensor& x2, bool int4) {
+  const int64_t M = x2.size(0), K = x2.size(1), nb = K / QK;
+  auto aligned = [](int64_t n) { return (n + 63) / 64 * 64; };
+  const int64_t q_bytes = aligned(M * K), f_bytes = aligned(M * nb * 4);
+  const int64_t total = q_bytes + f_bytes + (int4 ? 2 * f_bytes + M * K * 32 : 0);
+  Quantized r;
+  r.buffer = at::empty({total + 64}, x2.options().dtype(at::kByte));
+  uint8_t* base = r.buffer.data_ptr<uint8_t>();
+  base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
+  r.q = reinterpret_cast<int8_t*>(base);
+  r.d = reinterpret_cast<float*>(base + q_bytes);
+  if (int4) {
+    r.sum = reinterpret_cast<float*>(base + q_bytes + f_bytes);
+    r.qsum = reinterpret_cast<int32_t*>(base + q_bytes + 2 * f_bytes);
+    r.pairs = reinterpret_cast<int8_t*>(base + q_bytes + 3 * f_bytes);
+  }
+  AT_DISPATCH_SWITCH(x2.scalar_type(), "quantize", AT_DISPATCH_CASE(at::kFloat, [&] {
+    quantize_rows(x2.data_ptr<scalar_t>(), M, K, r.q, r.d, r.sum, r.qsum);
+  }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+    quantize_rows(x2.data_ptr<scalar_t>(), M, K, r.q, r.d, r.sum, r.qsum);
+  }));
+  if (int4) pair_table(r.q, M, K, r.pairs);
+  return r;
+}
+
 // x [..., K] (fp32 or bf16), w int8 [N, K] contiguous, scale [N] (fp32 or bf16) -> [..., N] in x's dtype
 at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(), "int8_dot: w must be a contiguous int8 [N, K]");
@@ -100,16 +155,10 @@ at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   shape.back() = N;
   at::Tensor out = at::empty(shape, x.options());
   if (M == 0 || N == 0) return out;
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor xd = at::empty({M, K / QK}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_SWITCH(x.scalar_type(), "int8_dot", AT_DISPATCH_CASE(at::kFloat, [&] {
-    quantize_rows(x2.data_ptr<scalar_t>(), M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>());
-  }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-    quantize_rows(x2.data_ptr<scalar_t>(), M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>());
-  }));
+  const Quantized a = quantize(x2, false);
   auto run = [&](auto* o, const auto* s) {
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      int8_rows(w.data_ptr<int8_t>(), s, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), o, M, N, K, n0, n1);
+      int8_rows(w.data_ptr<int8_t>(), s, a.q, a.d, o, M, N, K, n0, n1);
     });
   };
   const bool xf = x.scalar_type() == at::kFloat, sf = scale.scalar_type() == at::kFloat;
@@ -226,23 +275,11 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& packed, const at::Ten
   shape.back() = N;
   at::Tensor out = at::empty(shape, x.options());
   if (M == 0) return out;
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor xd = at::empty({M, K / QK}, x.options().dtype(at::kFloat));
-  at::Tensor xs = at::empty({M, K / QK}, x.options().dtype(at::kFloat));
-  at::Tensor xqs = at::empty({M, K / QK}, x.options().dtype(at::kInt));
-  AT_DISPATCH_SWITCH(x.scalar_type(), "int4_dot", AT_DISPATCH_CASE(at::kFloat, [&] {
-    quantize_rows(x2.data_ptr<scalar_t>(), M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>(),
-                  xqs.data_ptr<int32_t>());
-  }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-    quantize_rows(x2.data_ptr<scalar_t>(), M, K, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>(),
-                  xqs.data_ptr<int32_t>());
-  }));
-  at::Tensor pairs = at::empty({M, K * 32}, x.options().dtype(at::kChar));
-  pair_table(xq.data_ptr<int8_t>(), M, K, pairs.data_ptr<int8_t>());
+  const Quantized a = quantize(x2, true);
   auto run = [&](auto* o) {
     at::parallel_for(0, N / 32, 1, [&](int64_t b0, int64_t b1) {
-      int4_blocks(packed.data_ptr<uint8_t>(), scales_zeros.data_ptr<at::BFloat16>(), pairs.data_ptr<int8_t>(),
-                  xd.data_ptr<float>(), xs.data_ptr<float>(), xqs.data_ptr<int32_t>(), o, M, N, K, group, b0, b1);
+      int4_blocks(packed.data_ptr<uint8_t>(), scales_zeros.data_ptr<at::BFloat16>(), a.pairs, a.d, a.sum, a.qsum, o,
+                  M, N, K, group, b0, b1);
     });
   };
   if (x.scalar_type() == at::kFloat) run(out.data_ptr<float>());
