@@ -86,8 +86,8 @@ def test_int8_products_and_lm_head_run_on_it() -> None:
     assert torch.equal(head(h), torch.ops.routed.int8_dot(h, head.qweight, head.scales))
 
 
-def test_without_a_compiler_it_warns_once_and_int8_stays_weight_only(monkeypatch: pytest.MonkeyPatch,
-                                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_without_a_compiler_it_warns_once_and_products_stay_on_pytorchs(monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
     import torch.utils.cpp_extension
 
     def no_compiler(**_):
@@ -100,10 +100,14 @@ def test_without_a_compiler_it_warns_once_and_int8_stays_weight_only(monkeypatch
         with caplog.at_level("WARNING"):
             assert not kernels.int_dot() and not kernels.int_dot()
         assert [r.getMessage() for r in caplog.records] == [
-            "routed's int8 kernel could not be built (g++: command not found); int8 products stay on PyTorch's "
-            "weight-only kernel"]
+            "routed's int8/int4 kernels could not be built (g++: command not found); int8 and int4 products stay on "
+            "PyTorch's kernels"]
         x, q, s = _case(3, 64, 16, torch.float32)
         torch.testing.assert_close(int8_linear(x, q, s), torch.ops.aten._weight_int8pack_mm(x, q, s))
+        nibbles, sz = quantize_int4(torch.randn(32, 64), 32)
+        packed = pack_int4(nibbles)
+        torch.testing.assert_close(int4_linear(x.bfloat16(), packed, sz, 32, 32),
+                                   torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 32, sz))
     finally:
         kernels.int_dot.cache_clear()
     monkeypatch.undo()

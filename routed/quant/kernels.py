@@ -4,10 +4,10 @@ PyTorch operators (`torch.ops.routed.*`), which a compiled step calls like any A
 Only where PyTorch has nothing as fast: on x86 CPUs with AVX2 but without AVX-512 (AMD Zen 2/3, older Intel),
 PyTorch's one-row int8 product (`_weight_int8pack_mm`) widens every weight to fp32 and is compute-bound at
 ~5.5-7 GB/s; `int8_dot` multiplies 8-bit activations by the int8 weights as integer dot products and reads the
-weights at 10-16 GB/s (`csrc/int_dot.cpp`, BENCHMARKS.md); `int4_dot` does the same for int4 weights in the
-layout of PyTorch's `_weight_int4pack_mm_for_cpu` (1.4-2.1x its one-row rate). The build takes ~20 s once per machine (the
-extension cache, `TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); without a C++ compiler it warns
-once and the weight-only kernels stay.
+weights at 9-16 GB/s (`csrc/int_dot.cpp`, BENCHMARKS.md); `int4_dot` does the same for int4 weights, read in
+PyTorch's AVX2 packing (1.3-1.6x `_weight_int4pack_mm_for_cpu` from ~1500 rows on). The build takes ~20 s once
+per machine (the extension cache, `TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); without a C++
+compiler it warns once and PyTorch's kernels stay. `ROUTED_NO_KERNELS=1` turns them off.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ def int_dot() -> bool:
         return False
     from torch.utils.cpp_extension import load
 
-    log.info("building routed's int8 dot-product kernel (once per machine, ~20 s)")
+    log.info("building routed's int8/int4 dot-product kernels (once per machine, ~20 s)")
     try:
         load(name="routed_int_dot", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
              is_python_module=False, verbose=False)
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, a failed build
-        log.warning("routed's int8 kernel could not be built (%s); int8 products stay on PyTorch's weight-only "
-                    "kernel", str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__)
+        log.warning("routed's int8/int4 kernels could not be built (%s); int8 and int4 products stay on PyTorch's "
+                    "kernels", str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__)
         return False
 
     if not _registered:  # once per process (the builder's cache can be cleared, the registration cannot)
