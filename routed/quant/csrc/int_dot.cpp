@@ -140,6 +140,19 @@ Quantized quantize(const at::Tensor& x2, bool int4) {
   return r;
 }
 
+// x [..., K] as contiguous rows [M, K], fp32 or bf16 (what the kernels read)
+at::Tensor rows_of(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op, ": x must be fp32 or bf16");
+  return x.reshape({-1, K}).contiguous();
+}
+
+// the result [..., N] in x's dtype
+at::Tensor output_for(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = N;
+  return at::empty(shape, x.options());
+}
+
 // x [..., K] (fp32 or bf16), w int8 [N, K] contiguous, scale [N] (fp32 or bf16) -> [..., N] in x's dtype
 at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(), "int8_dot: w must be a contiguous int8 [N, K]");
@@ -147,13 +160,10 @@ at::Tensor int8_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   TORCH_CHECK(K % QK == 0, "int8_dot: in_features must be a multiple of 32, got ", K);
   TORCH_CHECK(x.size(-1) == K, "int8_dot: x has ", x.size(-1), " features, w ", K);
   TORCH_CHECK(scale.numel() == N && scale.is_contiguous(), "int8_dot: scale must be a contiguous [N]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int8_dot: x must be fp32 or bf16");
   TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16, "int8_dot: scale must be fp32 or bf16");
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const at::Tensor x2 = rows_of(x, K, "int8_dot");
   const int64_t M = x2.size(0);
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = N;
-  at::Tensor out = at::empty(shape, x.options());
+  at::Tensor out = output_for(x, N);
   if (M == 0 || N == 0) return out;
   const Quantized a = quantize(x2, false);
   auto run = [&](auto* o, const auto* s) {
@@ -268,12 +278,9 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& packed, const at::Ten
   TORCH_CHECK(scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.is_contiguous() &&
               scales_zeros.dim() == 3 && scales_zeros.size(0) == K / group && scales_zeros.size(1) == N &&
               scales_zeros.size(2) == 2, "int4_dot: scales_zeros must be a contiguous bf16 [K/group, N, 2]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int4_dot: x must be fp32 or bf16");
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const at::Tensor x2 = rows_of(x, K, "int4_dot");
   const int64_t M = x2.size(0);
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = N;
-  at::Tensor out = at::empty(shape, x.options());
+  at::Tensor out = output_for(x, N);
   if (M == 0) return out;
   const Quantized a = quantize(x2, true);
   auto run = [&](auto* o) {
