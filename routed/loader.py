@@ -33,9 +33,8 @@ from routed.model import gemv
 from routed.model.deepseek_v3 import Gate, MoE, Transformer
 from routed.model.experts import RoutedExperts
 from routed.progress import progress_bar
-from routed.quant import fp8, intq
+from routed.quant import fp8, intq, kernels
 from routed.quant.intq import IntFormat, quantize_int4, quantize_int8
-from routed.quant import kernels
 from routed.quant.linear import finalize_model, model_bytes, quantize_model
 
 if TYPE_CHECKING:
@@ -246,7 +245,8 @@ def load_model(
         if isinstance(module, RoutedExperts):
             _copy_duplicate_slots(module)
     if int_fmt is not None and kernels.WANTED:
-        with progress_bar("routed's int8/int4 kernels (built once per machine, ~25 s)", total=1, enabled=progress) as advance:
+        with progress_bar("routed's int8/int4 kernels (built once per machine, ~25 s)", total=1,
+                          enabled=progress) as advance:
             kernels.int_dot()
             advance()
     finalize_model(model, dtype)
