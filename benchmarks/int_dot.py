@@ -5,10 +5,14 @@
   ~400 MB of int8 or ~200 MB of int4, so each call reads it from memory), beside an fp32 `torch.sum` over as
   many bytes (the memory's rate);
 * `--model`: decode, two copies of the model loaded and compiled in one process — one on PyTorch's kernels (and,
-  int8, FBGEMM's 7-bit lm_head), one on routed's — alternating rounds of greedy decoding.
+  int8, FBGEMM's 7-bit lm_head), one on routed's — alternating rounds of greedy decoding;
+* `--model ... --compare experts`: the same, both on routed's kernels, one running each chosen expert's
+  products as kernel calls of their own (two or three per expert), one with a layer's experts in one call
+  (`routed::int8_experts` / `int4_experts`).
 
     python benchmarks/int_dot.py --shapes --quant int8 --threads 2
     python benchmarks/int_dot.py --model checkpoints/small --quant int4 --threads 2 --rounds 8 --batch 1
+    python benchmarks/int_dot.py --model checkpoints/small --quant int4 --compare experts --rounds 8
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from routed.bench import _decode
 from routed.config import EngineConfig
 from routed.engine.engine import LLMEngine
 from routed.loader import load_model
+from routed.model.experts import RoutedExperts
 from routed.progress import progress_bar
 from routed.quant import intq, kernels
 from routed.tokenizer import Tokenizer
@@ -78,19 +83,34 @@ def _use(with_kernel: bool) -> None:
     kernels.int_dot()
 
 
-def load(path: str, quant: str, with_kernel: bool):
+class PerExpert(RoutedExperts):
+    """Each chosen expert's products as kernel calls of their own (as before the one-call-per-layer ops)."""
+
+    @property
+    def fused(self) -> bool:
+        return False
+
+
+def load(path: str, quant: str, with_kernel: bool, per_expert: bool = False):
     _use(with_kernel)
     model = load_model(path, "bf16", quant=quant, progress=False, routing_telemetry=False)
+    if per_expert:  # before the engine compiles the step
+        for m in model.modules():
+            if isinstance(m, RoutedExperts):
+                m.__class__ = PerExpert
     engine = LLMEngine(model, Tokenizer.from_pretrained(path),
                        EngineConfig(routing_telemetry=False, enable_prefix_caching=False))
     return engine
 
 
-def decode_ab(path: str, quant: str, rounds: int, batch: int, gen: int) -> dict:
+def decode_ab(path: str, quant: str, rounds: int, batch: int, gen: int, compare: str = "kernels") -> dict:
     rng = random.Random(0)
     engines = {}
-    for name, flag in (("pytorch", False), ("routed", True)):
-        engines[name] = (load(path, quant, flag), flag)
+    # (name, routed's kernels, per-expert calls)
+    variants = ((("pytorch", False, False), ("routed", True, False)) if compare == "kernels"
+                else (("per_expert", True, True), ("per_layer", True, False)))
+    for name, flag, per_expert in variants:
+        engines[name] = (load(path, quant, flag, per_expert), flag)
         _decode(engines[name][0], batch, 4, rng)  # compiles the step with this kernel choice
     rates: dict[str, list[float]] = {k: [] for k in engines}
     with progress_bar(f"{quant} decode b{batch}", total=2 * rounds) as advance:
@@ -99,10 +119,11 @@ def decode_ab(path: str, quant: str, rounds: int, batch: int, gen: int) -> dict:
                 _use(flag)  # eager products (prefill's few rows) follow the model's choice
                 rates[name].append(_decode(engine, batch, gen, rng))
                 advance()
-    per_round = [b / a for a, b in zip(rates["pytorch"], rates["routed"])]
-    out = {"quant": quant, "batch": batch, "rounds": rounds,
+    base, new = (v[0] for v in variants)
+    per_round = [b / a for a, b in zip(rates[base], rates[new])]
+    out = {"quant": quant, "batch": batch, "rounds": rounds, "compare": compare,
            "tok_s": {k: round(statistics.median(v), 2) for k, v in rates.items()},
-           "ratio_of_medians": round(statistics.median(rates["routed"]) / statistics.median(rates["pytorch"]), 3),
+           "ratio_of_medians": round(statistics.median(rates[new]) / statistics.median(rates[base]), 3),
            "median_per_round": round(statistics.median(per_round), 3)}
     print(json.dumps(out, indent=2))
     return out
@@ -118,6 +139,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--compare", choices=["kernels", "experts"], default="kernels",
+                    help="with --model: PyTorch's kernels vs routed's, or per-expert calls vs one per layer")
     args = ap.parse_args()
     if not (args.shapes or args.model):
         ap.error("give --shapes, --model PATH, or both")
@@ -125,7 +148,7 @@ def main() -> None:
     if args.shapes:
         shapes(args.quant, args.repeats)
     if args.model:
-        decode_ab(args.model, args.quant, args.rounds, args.batch, args.gen)
+        decode_ab(args.model, args.quant, args.rounds, args.batch, args.gen, args.compare)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ def generate(model, folder: Path, prompts: list[list[int]], **config):
 def test_compiled_decode_equals_eager_fp32(folder: Path, quant: str | None, fused_int8: bool | None,
                                            own_kernels: bool | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """int8 each way a CPU runs it: fused multiply-sums with the experts gathered in place (AVX-512,
-    `intq.FUSED_INT8_LOADS`), PyTorch's int8 kernel per chosen expert, or routed's `int8_dot` per chosen expert
-    (AVX2, `kernels.int_dot`); int4 on PyTorch's kernel or routed's `int4_dot`."""
+    `intq.FUSED_INT8_LOADS`), PyTorch's int8 kernel per chosen expert, or routed's `int8_dot` with a layer's experts
+    in one `int8_experts` call (AVX2, `kernels.int_dot`); int4 on PyTorch's kernel or routed's `int4_dot` and
+    `int4_experts`."""
     from routed.model.experts import RoutedExperts
     from routed.quant import intq, kernels
 
@@ -75,6 +76,7 @@ def test_compiled_decode_equals_eager_fp32(folder: Path, quant: str | None, fuse
     experts = next(m for m in model.modules() if isinstance(m, RoutedExperts))
     assert experts.gathers == (quant is None or fused_int8 is True)
     assert (experts.few_tokens_fn is not None) == experts.gathers  # batched steps: gathered, or grouped kernels
+    assert experts.fused == (own_kernels is True)  # routed's kernels: a layer's experts in one call
     plan = model._one_token_plan
     # up to DECODE_CHUNK consecutive blocks per call: the dense first layer and the MoE layers in one
     assert [(first, len(blocks)) for _, first, blocks in plan] == [(0, model.config.num_hidden_layers)]

@@ -151,3 +151,52 @@ def test_int4_dot_is_batch_invariant_and_rejects_what_it_cannot_take() -> None:
                        ((x, packed, sz.float(), 32), "bf16"), ((x.half(), packed, sz, 32), "fp32 or bf16")]:
         with pytest.raises(RuntimeError, match=match):
             torch.ops.routed.int4_dot(*bad)
+
+
+def _experts(bits: int, dtype: torch.dtype, E: int = 12, D: int = 256, I: int = 96):
+    from routed.model.experts import RoutedExperts
+
+    torch.manual_seed(bits * 10 + (dtype == torch.bfloat16))
+    m = RoutedExperts(E, D, I, dtype)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        getattr(m, name).data.copy_(torch.randn(getattr(m, name).shape) / 8 + 0.02)
+    m.quantize_(IntFormat(bits, 32))
+    m.finalize_()
+    if bits == 8:  # as a loaded model holds them (finalize_model)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(m, f"{name}_scales", getattr(m, f"{name}_scales").to(dtype))
+    return m
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_a_layers_experts_in_one_call_equal_each_expert_on_its_own(bits: int, dtype: torch.dtype, tokens: int) -> None:
+    m = _experts(bits, dtype)
+    assert m.fused
+    x = torch.randn(tokens, 256, dtype=dtype)
+    x[-1] *= 30  # tokens of different scales
+    ids = torch.tensor([[3, 0, 11, 7], [7, 3, 1, 2], [0, 11, 5, 9]])[:tokens]  # experts shared across tokens
+    w = torch.rand(tokens, 4)
+    out = m._fused(x, ids, w)
+    twin = m._reference(x, ids, w)  # each expert's products as int8_dot / int4_dot calls of their own
+    assert out.dtype == torch.float32 and out.shape == (tokens, 256)
+    # the same products and roundings; silu's exp may round a bf16 intermediate the other way
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, twin, rtol=tol, atol=tol * twin.abs().amax().item())
+    assert not torch.equal(out, torch.zeros_like(out))
+    # what the layer runs for a few tokens, with ids as the gate gives them (any layout) and bf16 weights
+    y, counts = m(x, ids.t().contiguous().t(), w.to(dtype))
+    torch.testing.assert_close(y.float(), m._fused(x, ids, w.to(dtype)).to(dtype).float(), rtol=0, atol=0)
+    assert counts.sum() == 4 * tokens
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_layers_experts_in_one_call_reject_what_they_cannot_take(bits: int) -> None:
+    m = _experts(bits, torch.float32)
+    x, ids, w = torch.randn(2, 256), torch.tensor([[1, 2], [3, 4]]), torch.rand(2, 2)
+    for bad, match in [((x, ids + 10, w), r"expert id 12 is not in \[0, 12\)"), ((x, ids.int(), w), "int64"),
+                       ((x, ids, w[:1]), "weights"), ((x[:, :128], ids, w), "x must be")]:
+        with pytest.raises(RuntimeError, match=match):
+            m._fused(*bad)
+    assert m._fused(x[:0], ids[:0], w[:0]).shape == (0, 256)

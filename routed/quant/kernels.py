@@ -5,7 +5,8 @@ Only where PyTorch has nothing as fast: on x86 CPUs with AVX2 but without AVX-51
 PyTorch's one-row int8 product (`_weight_int8pack_mm`) widens every weight to fp32 and is compute-bound at
 ~5.5-7 GB/s; `int8_dot` multiplies 8-bit activations by the int8 weights as integer dot products and reads the
 weights at 9-16 GB/s (`csrc/int_dot.cpp`, BENCHMARKS.md); `int4_dot` does the same for int4 weights, read in
-PyTorch's AVX2 packing (1.3-1.6x `_weight_int4pack_mm_for_cpu` from ~1500 rows on). The build takes ~20 s once
+PyTorch's AVX2 packing (1.3-1.6x `_weight_int4pack_mm_for_cpu` from ~1500 rows on). `int8_experts` /
+`int4_experts` run a MoE layer's chosen experts for a few tokens in one call (`RoutedExperts._fused`). The build takes ~20 s once
 per machine (the extension cache, `TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); without a C++
 compiler it warns once and PyTorch's kernels stay. `ROUTED_NO_KERNELS=1` turns them off.
 """
@@ -53,6 +54,10 @@ def int_dot() -> bool:
             lambda x, w, scale: x.new_empty(*x.shape[:-1], w.shape[0]))
         torch.library.register_fake("routed::int4_dot")(
             lambda x, packed, scales_zeros, group: x.new_empty(*x.shape[:-1], packed.shape[0]))
+        torch.library.register_fake("routed::int8_experts")(
+            lambda x, ids, weights, *w: x.new_empty(x.shape, dtype=torch.float32))
+        torch.library.register_fake("routed::int4_experts")(
+            lambda x, ids, weights, *w: x.new_empty(x.shape, dtype=torch.float32))
         _registered.append(True)
     from routed.quant.intq import _packed_block
 

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 namespace {
 
@@ -294,13 +295,200 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& packed, const at::Ten
   return out;
 }
 
+
+// ---- one MoE layer's routed experts for a few tokens: every (token, slot) pair's expert read in place ----
+// y[t] = sum_j w[t, j] down_e(silu(gate_e(x_t)) up_e(x_t)), e = ids[t, j], in two parallel passes over all pairs'
+// rows (gate and up, then down) instead of a kernel call per projection and expert: a decode step's ~12 calls per
+// layer, each with its own activations' quantization and thread fork, become two. Each product is computed as
+// int8_dot / int4_dot computes it and rounded to x's dtype where the per-expert path's outputs are (gate and up,
+// silu, its product with up, down); the weighted sum is fp32, in slot order, as `RoutedExperts._reference`'s.
+
+// f(p, r0, r1) over the rows (or row blocks) [0, R) of each of P pairs, split across threads
+template <typename F>
+void over_pairs(int64_t P, int64_t R, int64_t grain, const F& f) {
+  at::parallel_for(0, P * R, grain, [&](int64_t i0, int64_t i1) {
+    while (i0 < i1) {
+      const int64_t p = i0 / R, r0 = i0 % R, r1 = std::min(R, r0 + (i1 - i0));
+      f(p, r0, r1);
+      i0 += r1 - r0;
+    }
+  });
+}
+
+// h [P, I] = silu(gate) * up from gu [P, 2I] (gate, then up), each step rounded to T as eager's bf16 ops round
+template <typename T>
+at::Tensor swiglu(const at::Tensor& gu, int64_t P, int64_t I) {
+  at::Tensor h = at::empty({P, I}, gu.options());
+  const T* g = gu.data_ptr<T>();
+  T* o = h.data_ptr<T>();
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t i = 0; i < I; ++i) {
+      const float a = static_cast<float>(g[p * 2 * I + i]);
+      const T s = static_cast<T>(a / (1.f + std::exp(-a)));
+      o[p * I + i] = static_cast<T>(static_cast<float>(s) * static_cast<float>(g[p * 2 * I + I + i]));
+    }
+  return h;
+}
+
+// out [T, D] fp32 = sum over slots j (in order) of float(y[t k + j]) w[t, j]
+template <typename T>
+at::Tensor weighted_sum(const at::Tensor& y, const at::Tensor& w, int64_t Tn, int64_t k, int64_t D) {
+  at::Tensor out = at::zeros({Tn, D}, y.options().dtype(at::kFloat));
+  const T* yp = y.data_ptr<T>();
+  const float* wp = w.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t t = 0; t < Tn; ++t)
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t d = 0; d < D; ++d) o[t * D + d] += static_cast<float>(yp[(t * k + j) * D + d]) * wp[t * k + j];
+  return out;
+}
+
+struct Routing {
+  at::Tensor x;  // [T, D] contiguous, fp32 or bf16
+  at::Tensor w;  // [T, k] fp32
+  at::Tensor held_ids;  // [T, k] int64 contiguous, which `ids` points into
+  const int64_t* ids = nullptr;
+  int64_t T = 0, k = 0, P = 0;
+};
+
+// checks shared by the two ops: x [T, D], ids [T, k] int64 in [0, E), weights [T, k]
+Routing routing(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, int64_t E, int64_t D,
+                const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == D, op, ": x must be [tokens, ", D, "], got ", x.sizes());
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == x.size(0) && ids.scalar_type() == at::kLong, op,
+              ": ids must be int64 [tokens, k]");
+  TORCH_CHECK(weights.sizes() == ids.sizes(), op, ": weights must be the ids' shape [tokens, k]");
+  Routing r;
+  r.x = rows_of(x, D, op);
+  r.w = weights.to(at::kFloat).contiguous();
+  r.held_ids = ids.contiguous();
+  r.T = ids.size(0), r.k = ids.size(1), r.P = r.T * r.k;
+  r.ids = r.held_ids.data_ptr<int64_t>();
+  for (int64_t p = 0; p < r.P; ++p)
+    TORCH_CHECK(r.ids[p] >= 0 && r.ids[p] < E, op, ": expert id ", r.ids[p], " is not in [0, ", E, ")");
+  return r;
+}
+
+// int8: gate, up [E, I, D] and down [E, D, I] int8 contiguous, their scales [E, I] / [E, D] (fp32 or bf16)
+at::Tensor int8_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& gate,
+                        const at::Tensor& gate_scale, const at::Tensor& up, const at::Tensor& up_scale,
+                        const at::Tensor& down, const at::Tensor& down_scale) {
+  const char* op = "int8_experts";
+  TORCH_CHECK(gate.dim() == 3 && up.sizes() == gate.sizes() && down.dim() == 3 && down.size(0) == gate.size(0) &&
+              down.size(1) == gate.size(2) && down.size(2) == gate.size(1), op,
+              ": gate and up must be [E, I, D], down [E, D, I]");
+  const int64_t E = gate.size(0), I = gate.size(1), D = gate.size(2);
+  TORCH_CHECK(D % QK == 0 && I % QK == 0, op, ": hidden and expert sizes must be multiples of 32, got ", D, ", ", I);
+  for (const at::Tensor* t : {&gate, &up, &down})
+    TORCH_CHECK(t->scalar_type() == at::kChar && t->is_contiguous(), op, ": weights must be contiguous int8");
+  const auto st = gate_scale.scalar_type();
+  for (const at::Tensor* t : {&gate_scale, &up_scale, &down_scale})
+    TORCH_CHECK(t->scalar_type() == st && (st == at::kFloat || st == at::kBFloat16) && t->is_contiguous() &&
+                t->dim() == 2 && t->size(0) == E, op, ": scales must be contiguous [E, rows], all fp32 or all bf16");
+  TORCH_CHECK(gate_scale.size(1) == I && up_scale.size(1) == I && down_scale.size(1) == D, op, ": scales' rows");
+  const Routing r = routing(x, ids, weights, E, D, op);
+  if (r.P == 0) return at::zeros({r.T, D}, x.options().dtype(at::kFloat));
+  at::Tensor out;
+  auto run = [&](auto* tag, const auto* gs, const auto* us, const auto* ds) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const Quantized a = quantize(r.x, false);
+    at::Tensor gu = at::empty({r.P, 2 * I}, r.x.options());
+    T* g = gu.data_ptr<T>();
+    const int8_t *gw = gate.data_ptr<int8_t>(), *uw = up.data_ptr<int8_t>(), *dw = down.data_ptr<int8_t>();
+    over_pairs(r.P, 2 * I, 16, [&](int64_t p, int64_t n0, int64_t n1) {
+      const int64_t e = r.ids[p], t = p / r.k;
+      const int8_t* xq = a.q + t * D;
+      const float* xd = a.d + t * (D / QK);
+      if (n0 < I) int8_rows(gw + e * I * D, gs + e * I, xq, xd, g + p * 2 * I, 1, I, D, n0, std::min(n1, I));
+      if (n1 > I)
+        int8_rows(uw + e * I * D, us + e * I, xq, xd, g + p * 2 * I + I, 1, I, D, std::max(n0, I) - I, n1 - I);
+    });
+    const Quantized hq = quantize(swiglu<T>(gu, r.P, I), false);
+    at::Tensor y = at::empty({r.P, D}, r.x.options());
+    T* yp = y.data_ptr<T>();
+    over_pairs(r.P, D, 16, [&](int64_t p, int64_t n0, int64_t n1) {
+      const int64_t e = r.ids[p];
+      int8_rows(dw + e * D * I, ds + e * D, hq.q + p * I, hq.d + p * (I / QK), yp + p * D, 1, D, I, n0, n1);
+    });
+    out = weighted_sum<T>(y, r.w, r.T, r.k, D);
+  };
+  const bool xf = r.x.scalar_type() == at::kFloat, sf = st == at::kFloat;
+  float* ff = nullptr;
+  at::BFloat16* bf = nullptr;
+  if (sf) {
+    const float *gs = gate_scale.data_ptr<float>(), *us = up_scale.data_ptr<float>(), *ds = down_scale.data_ptr<float>();
+    xf ? run(ff, gs, us, ds) : run(bf, gs, us, ds);
+  } else {
+    const at::BFloat16 *gs = gate_scale.data_ptr<at::BFloat16>(), *us = up_scale.data_ptr<at::BFloat16>(),
+                       *ds = down_scale.data_ptr<at::BFloat16>();
+    xf ? run(ff, gs, us, ds) : run(bf, gs, us, ds);
+  }
+  return out;
+}
+
+// int4, in int4_dot's layout: gate_up [E, 2I, D/2] (gate's rows, then up's), down [E, D, I/2]; their scales and
+// zeros [E, D/group, 2I, 2] and [E, I/group, D, 2] (bf16)
+at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                        const at::Tensor& gate_up, const at::Tensor& gate_up_sz, const at::Tensor& down,
+                        const at::Tensor& down_sz, int64_t group) {
+  const char* op = "int4_experts";
+  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3 && down.size(0) == gate_up.size(0) &&
+              gate_up.size(1) == 4 * down.size(2) && down.size(1) == 2 * gate_up.size(2), op,
+              ": gate_up must be packed [E, 2I, D/2], down [E, D, I/2]");
+  const int64_t E = gate_up.size(0), I = gate_up.size(1) / 2, D = down.size(1);
+  TORCH_CHECK(D % 32 == 0 && I % 32 == 0, op, ": hidden and expert sizes must be multiples of 32, got ", D, ", ", I);
+  TORCH_CHECK(group % QK == 0 && D % group == 0 && I % group == 0, op,
+              ": the group size must be a multiple of 32 dividing ", D, " and ", I, ", got ", group);
+  for (const at::Tensor* t : {&gate_up, &down})
+    TORCH_CHECK(t->scalar_type() == at::kByte && t->is_contiguous(), op, ": packed weights must be contiguous uint8");
+  TORCH_CHECK(gate_up_sz.scalar_type() == at::kBFloat16 && gate_up_sz.is_contiguous() &&
+              gate_up_sz.sizes() == at::IntArrayRef({E, D / group, 2 * I, 2}) && down_sz.scalar_type() == at::kBFloat16 &&
+              down_sz.is_contiguous() && down_sz.sizes() == at::IntArrayRef({E, I / group, D, 2}), op,
+              ": scales_zeros must be contiguous bf16 [E, D/group, 2I, 2] and [E, I/group, D, 2]");
+  const Routing r = routing(x, ids, weights, E, D, op);
+  if (r.P == 0) return at::zeros({r.T, D}, x.options().dtype(at::kFloat));
+  at::Tensor out;
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const Quantized a = quantize(r.x, true);
+    at::Tensor gu = at::empty({r.P, 2 * I}, r.x.options());
+    T* g = gu.data_ptr<T>();
+    const uint8_t *gw = gate_up.data_ptr<uint8_t>(), *dw = down.data_ptr<uint8_t>();
+    const at::BFloat16 *gz = gate_up_sz.data_ptr<at::BFloat16>(), *dz = down_sz.data_ptr<at::BFloat16>();
+    const int64_t nd = D / QK, ni = I / QK;
+    over_pairs(r.P, 2 * I / 32, 1, [&](int64_t p, int64_t b0, int64_t b1) {
+      const int64_t e = r.ids[p], t = p / r.k;
+      int4_blocks(gw + e * 2 * I * D / 2, gz + e * 2 * I * D / group * 2, a.pairs + t * D * 32, a.d + t * nd,
+                  a.sum + t * nd, a.qsum + t * nd, g + p * 2 * I, 1, 2 * I, D, group, b0, b1);
+    });
+    const Quantized hq = quantize(swiglu<T>(gu, r.P, I), true);
+    at::Tensor y = at::empty({r.P, D}, r.x.options());
+    T* yp = y.data_ptr<T>();
+    over_pairs(r.P, D / 32, 1, [&](int64_t p, int64_t b0, int64_t b1) {
+      const int64_t e = r.ids[p];
+      int4_blocks(dw + e * D * I / 2, dz + e * D * I / group * 2, hq.pairs + p * I * 32, hq.d + p * ni,
+                  hq.sum + p * ni, hq.qsum + p * ni, yp + p * D, 1, D, I, group, b0, b1);
+    });
+    out = weighted_sum<T>(y, r.w, r.T, r.k, D);
+  };
+  if (r.x.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
+  else run(static_cast<at::BFloat16*>(nullptr));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(routed, m) {
   m.def("int8_dot(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("int4_dot(Tensor x, Tensor packed, Tensor scales_zeros, int group) -> Tensor");
+  m.def("int8_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate, Tensor gate_scale, Tensor up, "
+        "Tensor up_scale, Tensor down, Tensor down_scale) -> Tensor");
+  m.def("int4_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor gate_up_sz, Tensor down, "
+        "Tensor down_sz, int group) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(routed, CPU, m) {
   m.impl("int8_dot", &int8_dot);
   m.impl("int4_dot", &int4_dot);
+  m.impl("int8_experts", &int8_experts);
+  m.impl("int4_experts", &int4_experts);
 }
