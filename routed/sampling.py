@@ -80,11 +80,19 @@ def apply_penalties(logits_V: torch.Tensor, output_ids: list[int], presence: flo
     return logits_V - frequency * counts - presence * (counts > 0).to(logits_V.dtype)
 
 
+def greedy_ids(logits_NV: torch.Tensor) -> list[int]:
+    """Each row's largest logit (the first of ties; a NaN counts as the largest, as in torch.argmax). On the CPU
+    through numpy: torch's CPU argmax reduces element by element (129,280 fp32 logits: ~310 µs, numpy ~15)."""
+    if logits_NV.device.type == "cpu" and logits_NV.dtype in (torch.float32, torch.float64):
+        return logits_NV.detach().numpy().argmax(-1).tolist()
+    return logits_NV.argmax(-1).tolist()
+
+
 def sample_one(logits_V: torch.Tensor, params: SamplingParams, output_ids: list[int],
                generator: torch.Generator | None) -> int:
     """Next token for one sequence from its fp32 logits."""
     logits_V = apply_penalties(logits_V, output_ids, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
-        return int(logits_V.argmax())
+        return greedy_ids(logits_V[None])[0]
     probs = filter_logits(logits_V, params.temperature, params.top_k, params.top_p).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator)[0])

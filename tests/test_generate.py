@@ -12,7 +12,7 @@ from conftest import YARN, make_checkpoint
 from routed.errors import RoutedError
 from routed.model import attention
 from routed.model.attention import PagedBatch, use_naive
-from routed.sampling import SamplingParams, filter_logits
+from routed.sampling import SamplingParams, filter_logits, greedy_ids
 
 VOCAB = 129280  # the real DeepSeek-V3 tokenizer
 
@@ -117,6 +117,21 @@ def test_filter_logits_top_p_keeps_the_crossing_token() -> None:
     kept = filter_logits(logits, 1.0, 0, 0.7).isfinite().tolist()
     assert kept == [True, True, False, False]
     assert filter_logits(logits, 1.0, 3, 1.0).isfinite().tolist() == [True, True, True, False]
+
+
+def test_greedy_ids_equal_torch_argmax_with_ties_and_nans() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 129280, generator=g)
+    logits[1, [7, 90000]] = 50.0  # a tie: the first
+    logits[2, [3, 100]] = float("nan")  # NaN counts as the largest, the first of them
+    logits[3] = float("-inf")
+    logits[4, -1] = float("inf")
+    expected = torch.argmax(logits, dim=-1).tolist()
+    assert expected[1:] == [7, 3, 0, 129279]
+    with torch.inference_mode():
+        assert greedy_ids(logits) == expected
+        assert [greedy_ids(row[None])[0] for row in logits] == expected
+        assert greedy_ids(logits[:, ::2]) == torch.argmax(logits[:, ::2], dim=-1).tolist()  # a strided view
 
 
 def test_bad_requests_are_clear_errors(chat_ckpt) -> None:

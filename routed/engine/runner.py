@@ -22,7 +22,7 @@ from routed.engine.scheduler import ScheduledSeq, SchedulerOutput
 from routed.model.attention import PagedBatch
 from routed.model.deepseek_v3 import Transformer
 from routed.parallel.ep import RankFailed
-from routed.sampling import sample_one
+from routed.sampling import greedy_ids, sample_one
 
 
 @dataclass(slots=True)
@@ -140,7 +140,7 @@ class ModelRunner:
         mtp_hidden = self._call("forward_mtp", (hidden_ND[h_rows].unsqueeze(0), torch.tensor([next_ids]), 0,
                                                 torch.cat(positions).unsqueeze(0)), batch)
         if last:
-            drafts = self.model.logits(mtp_hidden[0, [row for _, row in last]]).argmax(-1).tolist()
+            drafts = greedy_ids(self.model.logits(mtp_hidden[0, [row for _, row in last]]))
             for (request_id, _), draft in zip(last, drafts):
                 out[request_id].draft = draft
 
