@@ -78,7 +78,7 @@ def shapes(quant: str, repeats: int) -> dict:
 
 
 def _use(with_kernel: bool) -> None:
-    kernels.WANTED, kernels.INT8_DOT, kernels.INT4_DOT = with_kernel, False, False
+    kernels.WANTED, kernels.INT8_DOT, kernels.INT4_DOT, kernels.BF16_DOT = with_kernel, False, False, False
     kernels.int_dot.cache_clear()
     kernels.int_dot()
 
@@ -93,7 +93,7 @@ class PerExpert(RoutedExperts):
 
 def load(path: str, quant: str, with_kernel: bool, per_expert: bool = False):
     _use(with_kernel)
-    model = load_model(path, "bf16", quant=quant, progress=False, routing_telemetry=False)
+    model = load_model(path, "bf16", quant=None if quant == "bf16" else quant, progress=False, routing_telemetry=False)
     if per_expert:  # before the engine compiles the step
         for m in model.modules():
             if isinstance(m, RoutedExperts):
@@ -133,7 +133,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", action="store_true", help="time one-row products of small's shapes, cold")
     ap.add_argument("--model", help="a float checkpoint folder: decode both ways, alternating")
-    ap.add_argument("--quant", choices=["int8", "int4"], default="int8")
+    ap.add_argument("--quant", choices=["int8", "int4", "bf16"], default="int8",
+                    help="bf16 (with --model): the float weights, routed's bf16_dot / bf16_experts against inductor's loops")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=8)

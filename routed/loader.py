@@ -244,8 +244,9 @@ def load_model(
             module.reset_counters()  # to_empty left them uninitialised
         if isinstance(module, RoutedExperts):
             _copy_duplicate_slots(module)
-    if int_fmt is not None and kernels.WANTED:
-        with progress_bar("routed's int8/int4 kernels (built once per machine, ~25 s)", total=1,
+    big = model_bytes(model) >= gemv.MIN_MODEL_BYTES  # worth compiling (~3 s, ~12 s the first time on a machine)
+    if kernels.WANTED and (int_fmt is not None or (big and dtype == torch.bfloat16)):
+        with progress_bar("routed's CPU kernels (built once per machine, ~25 s)", total=1,
                           enabled=progress) as advance:
             kernels.int_dot()
             advance()
@@ -253,7 +254,7 @@ def load_model(
     model.eval()
     for _, gate in model.gates():
         gate.counting = routing_telemetry
-    if model_bytes(model) >= gemv.MIN_MODEL_BYTES:  # worth compiling (~3 s, ~12 s the first time on a machine)
+    if big:
         if dtype == torch.bfloat16:
             gemv.enable()
         if int_fmt is not None and int_fmt.bits == 4:  # the prefill's int4 GEMMs widen their weights through it

@@ -107,16 +107,26 @@ def test_compiled_decode_equals_eager_fp32(folder: Path, quant: str | None, fuse
         torch.testing.assert_close(s_f, s_e, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("quant", [None, "int8"])
-def test_compiled_decode_bf16_step_matches_eager(tiny_preset: Path, quant: str | None,
+@pytest.mark.parametrize("quant,own_kernels", [(None, False), (None, True), ("int8", False)],
+                         ids=["bf16", "bf16-dot", "int8-kernel"])
+def test_compiled_decode_bf16_step_matches_eager(tiny_preset: Path, quant: str | None, own_kernels: bool,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16, and int8 through PyTorch's kernel (`intq.FUSED_INT8_LOADS` off, as on AVX2): the loaded model holds
-    its int8 scales in bf16, the only way inductor's lowering of the kernel takes them."""
-    from routed.quant import intq
+    """bf16 through inductor's fused loops or routed's `bf16_dot` / `bf16_experts` (AVX2), and int8 through
+    PyTorch's kernel (`intq.FUSED_INT8_LOADS` off, as on AVX2): the loaded model holds its int8 scales in bf16,
+    the only way inductor's lowering of the kernel takes them."""
+    from routed.model.experts import RoutedExperts
+    from routed.quant import intq, kernels
     from routed.quant.linear import QLinear
 
     monkeypatch.setattr(intq, "FUSED_INT8_LOADS", False)
+    if own_kernels and not kernels.int_dot():
+        pytest.skip("routed's kernels run on AVX2 CPUs only")
+    if not own_kernels:
+        monkeypatch.setattr(kernels, "int_dot", lambda: False)
+        for flag in ("INT8_DOT", "INT4_DOT", "BF16_DOT"):
+            monkeypatch.setattr(kernels, flag, False)
     model = load_model(tiny_preset, "bf16", progress=False, quant=quant)
+    assert next(m for m in model.modules() if isinstance(m, RoutedExperts)).fused == own_kernels
     if quant:
         assert {m.scales.dtype for m in model.modules() if isinstance(m, QLinear)} == {torch.bfloat16}
     assert model.compile_decode()

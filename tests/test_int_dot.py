@@ -153,25 +153,27 @@ def test_int4_dot_is_batch_invariant_and_rejects_what_it_cannot_take() -> None:
             torch.ops.routed.int4_dot(*bad)
 
 
-def _experts(bits: int, dtype: torch.dtype, E: int = 12, D: int = 256, I: int = 96):
+def _experts(bits: int | None, dtype: torch.dtype, E: int = 12, D: int = 256, I: int = 96):
     from routed.model.experts import RoutedExperts
 
-    torch.manual_seed(bits * 10 + (dtype == torch.bfloat16))
+    torch.manual_seed((bits or 16) * 10 + (dtype == torch.bfloat16))
     m = RoutedExperts(E, D, I, dtype)
     for name in ("gate_proj", "up_proj", "down_proj"):
         getattr(m, name).data.copy_(torch.randn(getattr(m, name).shape) / 8 + 0.02)
-    m.quantize_(IntFormat(bits, 32))
-    m.finalize_()
+    if bits is not None:
+        m.quantize_(IntFormat(bits, 32))
+    m.finalize_()  # float: gate and up as one weight; int4: packed
     if bits == 8:  # as a loaded model holds them (finalize_model)
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(m, f"{name}_scales", getattr(m, f"{name}_scales").to(dtype))
     return m
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,dtype", [(8, torch.float32), (8, torch.bfloat16), (4, torch.float32),
+                                        (4, torch.bfloat16), (None, torch.bfloat16)])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_a_layers_experts_in_one_call_equal_each_expert_on_its_own(bits: int, dtype: torch.dtype, tokens: int) -> None:
+def test_a_layers_experts_in_one_call_equal_each_expert_on_its_own(bits: int | None, dtype: torch.dtype,
+                                                                    tokens: int) -> None:
     m = _experts(bits, dtype)
     assert m.fused
     x = torch.randn(tokens, 256, dtype=dtype)
@@ -181,7 +183,8 @@ def test_a_layers_experts_in_one_call_equal_each_expert_on_its_own(bits: int, dt
     out = m._fused(x, ids, w)
     twin = m._reference(x, ids, w)  # each expert's products as int8_dot / int4_dot calls of their own
     assert out.dtype == torch.float32 and out.shape == (tokens, 256)
-    # the same products and roundings; silu's exp may round a bf16 intermediate the other way
+    # the same products and roundings (bf16 weights: F.linear's sums in another order); silu's exp may round a
+    # bf16 intermediate the other way
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, twin, rtol=tol, atol=tol * twin.abs().amax().item())
     assert not torch.equal(out, torch.zeros_like(out))
@@ -191,12 +194,39 @@ def test_a_layers_experts_in_one_call_equal_each_expert_on_its_own(bits: int, dt
     assert counts.sum() == 4 * tokens
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_a_layers_experts_in_one_call_reject_what_they_cannot_take(bits: int) -> None:
-    m = _experts(bits, torch.float32)
+@pytest.mark.parametrize("bits", [8, 4, None])
+def test_a_layers_experts_in_one_call_reject_what_they_cannot_take(bits: int | None) -> None:
+    m = _experts(bits, torch.float32 if bits else torch.bfloat16)
     x, ids, w = torch.randn(2, 256), torch.tensor([[1, 2], [3, 4]]), torch.rand(2, 2)
     for bad, match in [((x, ids + 10, w), r"expert id 12 is not in \[0, 12\)"), ((x, ids.int(), w), "int64"),
                        ((x, ids, w[:1]), "weights"), ((x[:, :128], ids, w), "x must be")]:
         with pytest.raises(RuntimeError, match=match):
             m._fused(*bad)
     assert m._fused(x[:0], ids[:0], w[:0]).shape == (0, 256)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,K,N", [(1, 1024, 512), (3, 100, 37), (1, 7, 5), (2, 2816, 64)])
+def test_bf16_dot_is_the_fp32_sum_of_bf16_products(dtype: torch.dtype, rows: int, K: int, N: int) -> None:
+    torch.manual_seed(K + N)
+    w, x = torch.randn(N, K).bfloat16(), torch.randn(rows, K, dtype=dtype)
+    out = torch.ops.routed.bf16_dot(x, w)
+    ref = x.double() @ w.double().T  # exact products of the same inputs
+    assert out.dtype == dtype and out.shape == (rows, N)
+    # fp32 sums (K terms) and one rounding to x's dtype
+    bound = K * 2**-23 * (x.double().abs() @ w.double().abs().T) + ref.abs() * (2**-8 if dtype == torch.bfloat16 else 0)
+    assert ((out.double() - ref).abs() <= bound * 1.01 + 1e-30).all()
+    assert torch.equal(torch.ops.routed.bf16_dot(x.view(rows, 1, K), w), out.view(rows, 1, N))
+    for bad, match in [((x, w.float()), "bf16"), ((x[:, :-1], w), "features"), ((x.half(), w), "fp32 or bf16")]:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.routed.bf16_dot(*bad)
+
+
+def test_one_bf16_row_runs_on_bf16_dot_in_inference() -> None:
+    from routed.model import gemv
+
+    w, x = torch.randn(300, 256).bfloat16(), torch.randn(1, 256).bfloat16()
+    with torch.inference_mode():
+        assert gemv.takes_bf16_dot(x, w) and torch.equal(gemv.linear(x, w), torch.ops.routed.bf16_dot(x, w))
+        assert not gemv.takes_bf16_dot(x, w.t().contiguous().t())  # not contiguous: F.linear
+    assert not gemv.takes_bf16_dot(x, w)  # autograd on (training)

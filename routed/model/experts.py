@@ -182,20 +182,20 @@ class RoutedExperts(nn.Module):
         if torch.compiler.is_compiling() and self.store is None:  # the one-token block (compile_decode)
             counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_ND.device).index_add_(
                 0, topk_ids_NK.flatten(), torch.ones_like(topk_ids_NK.flatten()))
-            if self.gathers:
-                y = self._gathered(x_ND, topk_ids_NK, topk_weights_NK)
-            elif self.fused:
+            if self.fused:
                 y = self._fused(x_ND, topk_ids_NK, topk_weights_NK)
+            elif self.gathers:
+                y = self._gathered(x_ND, topk_ids_NK, topk_weights_NK)
             else:  # PyTorch's int kernels: each id read as a size
                 y = self._reference(x_ND, topk_ids_NK, topk_weights_NK)
             return y.to(out_dtype or x_ND.dtype), counts_E
         counts_E = torch.bincount(topk_ids_NK.flatten(), minlength=self.num_experts)
         N, K = topk_ids_NK.shape
         # few_tokens_fn: set for resident float and int8 experts by Transformer._compile_few_tokens
-        if impl == "grouped" and self.few_tokens_fn is not None and N >= 2 and gather_pays(N, K, self.num_experts):
-            y = self._gathered(x_ND, topk_ids_NK, topk_weights_NK)
-        elif impl == "grouped" and self.fused and gather_pays(N, K, self.num_experts):
+        if impl == "grouped" and self.fused and gather_pays(N, K, self.num_experts):
             y = self._fused(x_ND, topk_ids_NK, topk_weights_NK)
+        elif impl == "grouped" and self.few_tokens_fn is not None and N >= 2 and gather_pays(N, K, self.num_experts):
+            y = self._gathered(x_ND, topk_ids_NK, topk_weights_NK)
         elif impl == "grouped":
             y = self._grouped(x_ND, topk_ids_NK, topk_weights_NK, counts_E)
         elif impl == "reference":
@@ -216,15 +216,22 @@ class RoutedExperts(nn.Module):
     @property
     def gathers(self) -> bool:
         """Resident float weights, or int8 ones where the compiled step fuses int8 products (`intq.FUSED_INT8_LOADS`;
-        elsewhere `gathered`'s int8 loads run at a fraction of the bandwidth): what `gathered` reads in place. The
-        others run each chosen expert on its own (`_reference`), int4 and int8 through their kernels."""
-        return self.store is None and (self.fmt is None or (self.fmt.bits == 8 and intq.FUSED_INT8_LOADS))
+        elsewhere `gathered`'s int8 loads run at a fraction of the bandwidth), unless `fused`: what `gathered` reads
+        in place. The others run each chosen expert on its own (`_reference`), int4 and int8 through their
+        kernels."""
+        return not self.fused and self.store is None and (
+            self.fmt is None or (self.fmt.bits == 8 and intq.FUSED_INT8_LOADS))
 
     @property
     def fused(self) -> bool:
-        """Resident int8 or int4 experts where routed's kernels are built (AVX2): `_fused` runs them."""
-        if self.store is not None or self.fmt is None:
+        """Resident bf16, int8 or int4 experts where routed's kernels are built (AVX2): `_fused` runs them."""
+        if self.store is not None:
             return False
+        if self.fmt is None:
+            D, I = self.down_proj.shape[1:]
+            return (kernels.BF16_DOT and self.down_proj.dtype == torch.bfloat16
+                    and all(getattr(self, name).stride()[1:] == ((D, 1) if name != "down_proj" else (I, 1))
+                            for name in PROJS))
         if self.fmt.bits == 8:
             D, I = self.down_proj_qweight.shape[1:]
             return kernels.INT8_DOT and D % 32 == 0 and I % 32 == 0
@@ -233,8 +240,11 @@ class RoutedExperts(nn.Module):
 
     def _fused(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """Every (token, slot) pair's expert read in place by routed's kernels, one call per layer
-        (`routed::int8_experts` / `int4_experts`: the pairs' gate and up rows in one parallel pass, then their
-        down rows; each product as `int8_dot` / `int4_dot` computes it) -> fp32 [N, D], as `_reference`."""
+        (`routed::bf16_experts` / `int8_experts` / `int4_experts`: the pairs' gate and up rows in one parallel
+        pass, then their down rows; each product as `bf16_dot` / `int8_dot` / `int4_dot` computes it) -> fp32
+        [N, D], as `_reference`."""
+        if self.fmt is None:
+            return torch.ops.routed.bf16_experts(x_ND, ids_NK, w_NK, *self._gathered_weights())
         if self.fmt.bits == 8:
             return torch.ops.routed.int8_experts(x_ND, ids_NK, w_NK, *self._gathered_weights())
         p = self._packed

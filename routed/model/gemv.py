@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from routed.quant import kernels
+
 log = logging.getLogger(__name__)
 MIN_MODEL_BYTES = 256 * 2**20
 ROWS_MULTIPLE = 16  # `gemm`: row counts from this on are padded to a multiple of it (fewer: a decode batch's)
@@ -102,11 +104,21 @@ def takes_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
             and x.device.type == "cpu" and x.numel() == w.shape[-1] and w.dim() == 2 and not torch.is_grad_enabled())
 
 
+def takes_bf16_dot(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """One bf16 row against a contiguous bf16 weight on a CPU where routed's `bf16_dot` is built (AVX2)."""
+    return (kernels.BF16_DOT and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.numel() == w.shape[-1] and w.dim() == 2 and w.is_contiguous() and not torch.is_grad_enabled())
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, bias), through the compiled GEMV when enabled and x is one bf16 row on the CPU.
+    """F.linear(x, w, bias), through routed's `bf16_dot` (AVX2 CPUs, `routed.quant.kernels`) or else the compiled
+    GEMV when enabled and x is one bf16 row on the CPU.
 
     Inside a compiled region (the one-token block of `Transformer.compile_decode`) a one-row product is
-    written as the multiply-sum itself, so the compiler fuses it with what surrounds it."""
+    written as the multiply-sum itself, so the compiler fuses it with what surrounds it — or calls `bf16_dot`,
+    which reads the weight at ~1.2-1.4x the fused loop's rate on AVX2 (BENCHMARKS.md)."""
+    if bias is None and takes_bf16_dot(x, w):
+        return torch.ops.routed.bf16_dot(x, w)
     if bias is None and torch.compiler.is_compiling() and x.numel() == w.shape[-1] and w.dim() == 2:
         return _gemv(x.reshape(-1), w).view(*x.shape[:-1], w.shape[0])  # fused into the compiled region
     if bias is None and takes_gemv(x, w):

@@ -5,9 +5,10 @@ Only where PyTorch has nothing as fast: on x86 CPUs with AVX2 but without AVX-51
 PyTorch's one-row int8 product (`_weight_int8pack_mm`) widens every weight to fp32 and is compute-bound at
 ~5.5-7 GB/s; `int8_dot` multiplies 8-bit activations by the int8 weights as integer dot products and reads the
 weights at 9-16 GB/s (`csrc/int_dot.cpp`, BENCHMARKS.md); `int4_dot` does the same for int4 weights, read in
-PyTorch's AVX2 packing (1.3-1.6x `_weight_int4pack_mm_for_cpu` from ~1500 rows on). `int8_experts` /
-`int4_experts` run a MoE layer's chosen experts for a few tokens in one call (`RoutedExperts._fused`). The build takes ~20 s once
-per machine (the extension cache, `TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); without a C++
+PyTorch's AVX2 packing (1.3-1.6x `_weight_int4pack_mm_for_cpu` from ~1500 rows on); `bf16_dot`, one bf16 row
+(decode's products and lm_head) with fp32 sums, reads at 1.2-1.4x inductor's fused loop and PyTorch's GEMV there.
+`bf16_experts` / `int8_experts` / `int4_experts` run a MoE layer's chosen experts for a few tokens in one call
+(`RoutedExperts._fused`). The build takes ~20 s once per machine (the extension cache, `TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); without a C++
 compiler it warns once and PyTorch's kernels stay. `ROUTED_NO_KERNELS=1` turns them off.
 """
 
@@ -29,13 +30,14 @@ WANTED = platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cp
 # Set once `int_dot()` has loaded the kernels: what a compiled region reads (it cannot call the builder)
 INT8_DOT = False
 INT4_DOT = False
+BF16_DOT = False
 _registered: list[bool] = []
 
 
 @functools.cache
 def int_dot() -> bool:
-    """Whether `torch.ops.routed.int8_dot` and `int4_dot` are there: built (or found in the extension cache) and
-    loaded."""
+    """Whether routed's kernels (`torch.ops.routed.int8_dot`, `int4_dot`, `bf16_dot`, ...) are there: built (or
+    found in the extension cache) and loaded."""
     if not WANTED or os.environ.get("ROUTED_NO_KERNELS"):
         return False
     from torch.utils.cpp_extension import load
@@ -58,10 +60,13 @@ def int_dot() -> bool:
             lambda x, ids, weights, *w: x.new_empty(x.shape, dtype=torch.float32))
         torch.library.register_fake("routed::int4_experts")(
             lambda x, ids, weights, *w: x.new_empty(x.shape, dtype=torch.float32))
+        torch.library.register_fake("routed::bf16_dot")(lambda x, w: x.new_empty(*x.shape[:-1], w.shape[0]))
+        torch.library.register_fake("routed::bf16_experts")(
+            lambda x, ids, weights, *w: x.new_empty(x.shape, dtype=torch.float32))
         _registered.append(True)
     from routed.quant.intq import _packed_block
 
-    global INT8_DOT, INT4_DOT
-    INT8_DOT = True
+    global INT8_DOT, INT4_DOT, BF16_DOT
+    INT8_DOT = BF16_DOT = True
     INT4_DOT = _packed_block() == 32  # int4_dot reads PyTorch's AVX2 packing in place
     return True

@@ -296,6 +296,52 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& packed, const at::Ten
 }
 
 
+// ---- bf16 weights: y = x Wᵀ with fp32 sums, rows in sequence with a software prefetch ----
+// x's rows widened to fp32 once; each weight row's bf16 widened by a shift (the 16 bits into the high half)
+template <typename T>
+void bf16_rows(const at::BFloat16* W, const float* xf, T* out, int64_t M, int64_t N, int64_t K, int64_t n0,
+               int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const at::BFloat16* w = W + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* x = xf + m * K;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t k = 0;
+      for (; k + 32 <= K; k += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + k) + PREFETCH, _MM_HINT_T0);
+        a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(load8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(load8(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(load8(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+      }
+      for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
+      float y = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      for (; k < K; ++k) y += static_cast<float>(w[k]) * x[k];
+      out[m * N + n] = static_cast<T>(y);
+    }
+  }
+}
+
+// x [..., K] (fp32 or bf16), w bf16 [N, K] contiguous -> [..., N] in x's dtype
+at::Tensor bf16_dot(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(),
+              "bf16_dot: w must be a contiguous bf16 [N, K]");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(x.size(-1) == K, "bf16_dot: x has ", x.size(-1), " features, w ", K);
+  const at::Tensor xf = rows_of(x, K, "bf16_dot").to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  at::Tensor out = output_for(x, N);
+  if (M == 0 || N == 0) return out;
+  auto run = [&](auto* o) {
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      bf16_rows(w.data_ptr<at::BFloat16>(), xf.data_ptr<float>(), o, M, N, K, n0, n1);
+    });
+  };
+  if (x.scalar_type() == at::kFloat) run(out.data_ptr<float>());
+  else run(out.data_ptr<at::BFloat16>());
+  return out;
+}
+
 // ---- one MoE layer's routed experts for a few tokens: every (token, slot) pair's expert read in place ----
 // y[t] = sum_j w[t, j] down_e(silu(gate_e(x_t)) up_e(x_t)), e = ids[t, j], in two parallel passes over all pairs'
 // rows (gate and up, then down) instead of a kernel call per projection and expert: a decode step's ~12 calls per
@@ -369,6 +415,34 @@ Routing routing(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& we
   return r;
 }
 
+// the two passes over every pair's rows, in units of `unit` rows (int4: blocks of 32): `prep` turns rows of
+// activations (x, then h) into what the products read; gate_up(a, token, expert, n0, n1, out) and
+// down(h, pair, expert, n0, n1, out) write rows [n0, n1) of a pair's [2I] / [D] output
+template <typename T, typename Prep, typename GateUp, typename Down>
+at::Tensor run_experts(const Routing& r, int64_t D, int64_t I, int64_t unit, const Prep& prep, const GateUp& gate_up,
+                       const Down& down) {
+  const auto a = prep(r.x);
+  at::Tensor gu = at::empty({r.P, 2 * I}, r.x.options());
+  T* g = gu.data_ptr<T>();
+  const int64_t grain = unit == 1 ? 16 : 1;
+  over_pairs(r.P, 2 * I / unit, grain, [&](int64_t p, int64_t u0, int64_t u1) {
+    gate_up(a, p / r.k, r.ids[p], u0 * unit, u1 * unit, g + p * 2 * I);
+  });
+  const auto h = prep(swiglu<T>(gu, r.P, I));
+  at::Tensor y = at::empty({r.P, D}, r.x.options());
+  T* yp = y.data_ptr<T>();
+  over_pairs(r.P, D / unit, grain, [&](int64_t p, int64_t u0, int64_t u1) {
+    down(h, p, r.ids[p], u0 * unit, u1 * unit, yp + p * D);
+  });
+  return weighted_sum<T>(y, r.w, r.T, r.k, D);
+}
+
+// calls f(T*) with x's dtype as T (fp32 or bf16)
+template <typename F>
+at::Tensor in_dtype(const at::Tensor& x, const F& f) {
+  return x.scalar_type() == at::kFloat ? f(static_cast<float*>(nullptr)) : f(static_cast<at::BFloat16*>(nullptr));
+}
+
 // int8: gate, up [E, I, D] and down [E, D, I] int8 contiguous, their scales [E, I] / [E, D] (fp32 or bf16)
 at::Tensor int8_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& gate,
                         const at::Tensor& gate_scale, const at::Tensor& up, const at::Tensor& up_scale,
@@ -388,42 +462,27 @@ at::Tensor int8_experts(const at::Tensor& x, const at::Tensor& ids, const at::Te
   TORCH_CHECK(gate_scale.size(1) == I && up_scale.size(1) == I && down_scale.size(1) == D, op, ": scales' rows");
   const Routing r = routing(x, ids, weights, E, D, op);
   if (r.P == 0) return at::zeros({r.T, D}, x.options().dtype(at::kFloat));
-  at::Tensor out;
+  const int8_t *gw = gate.data_ptr<int8_t>(), *uw = up.data_ptr<int8_t>(), *dw = down.data_ptr<int8_t>();
   auto run = [&](auto* tag, const auto* gs, const auto* us, const auto* ds) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    const Quantized a = quantize(r.x, false);
-    at::Tensor gu = at::empty({r.P, 2 * I}, r.x.options());
-    T* g = gu.data_ptr<T>();
-    const int8_t *gw = gate.data_ptr<int8_t>(), *uw = up.data_ptr<int8_t>(), *dw = down.data_ptr<int8_t>();
-    over_pairs(r.P, 2 * I, 16, [&](int64_t p, int64_t n0, int64_t n1) {
-      const int64_t e = r.ids[p], t = p / r.k;
-      const int8_t* xq = a.q + t * D;
-      const float* xd = a.d + t * (D / QK);
-      if (n0 < I) int8_rows(gw + e * I * D, gs + e * I, xq, xd, g + p * 2 * I, 1, I, D, n0, std::min(n1, I));
-      if (n1 > I)
-        int8_rows(uw + e * I * D, us + e * I, xq, xd, g + p * 2 * I + I, 1, I, D, std::max(n0, I) - I, n1 - I);
-    });
-    const Quantized hq = quantize(swiglu<T>(gu, r.P, I), false);
-    at::Tensor y = at::empty({r.P, D}, r.x.options());
-    T* yp = y.data_ptr<T>();
-    over_pairs(r.P, D, 16, [&](int64_t p, int64_t n0, int64_t n1) {
-      const int64_t e = r.ids[p];
-      int8_rows(dw + e * D * I, ds + e * D, hq.q + p * I, hq.d + p * (I / QK), yp + p * D, 1, D, I, n0, n1);
-    });
-    out = weighted_sum<T>(y, r.w, r.T, r.k, D);
+    auto prep = [](const at::Tensor& rows) { return quantize(rows, false); };
+    return run_experts<T>(r, D, I, 1, prep,
+        [&](const Quantized& a, int64_t t, int64_t e, int64_t n0, int64_t n1, T* out) {
+          const int8_t* xq = a.q + t * D;
+          const float* xd = a.d + t * (D / QK);
+          if (n0 < I) int8_rows(gw + e * I * D, gs + e * I, xq, xd, out, 1, I, D, n0, std::min(n1, I));
+          if (n1 > I) int8_rows(uw + e * I * D, us + e * I, xq, xd, out + I, 1, I, D, std::max(n0, I) - I, n1 - I);
+        },
+        [&](const Quantized& h, int64_t p, int64_t e, int64_t n0, int64_t n1, T* out) {
+          int8_rows(dw + e * D * I, ds + e * D, h.q + p * I, h.d + p * (I / QK), out, 1, D, I, n0, n1);
+        });
   };
-  const bool xf = r.x.scalar_type() == at::kFloat, sf = st == at::kFloat;
-  float* ff = nullptr;
-  at::BFloat16* bf = nullptr;
-  if (sf) {
-    const float *gs = gate_scale.data_ptr<float>(), *us = up_scale.data_ptr<float>(), *ds = down_scale.data_ptr<float>();
-    xf ? run(ff, gs, us, ds) : run(bf, gs, us, ds);
-  } else {
-    const at::BFloat16 *gs = gate_scale.data_ptr<at::BFloat16>(), *us = up_scale.data_ptr<at::BFloat16>(),
-                       *ds = down_scale.data_ptr<at::BFloat16>();
-    xf ? run(ff, gs, us, ds) : run(bf, gs, us, ds);
-  }
-  return out;
+  return in_dtype(r.x, [&](auto* tag) {
+    if (st == at::kFloat)
+      return run(tag, gate_scale.data_ptr<float>(), up_scale.data_ptr<float>(), down_scale.data_ptr<float>());
+    return run(tag, gate_scale.data_ptr<at::BFloat16>(), up_scale.data_ptr<at::BFloat16>(),
+               down_scale.data_ptr<at::BFloat16>());
+  });
 }
 
 // int4, in int4_dot's layout: gate_up [E, 2I, D/2] (gate's rows, then up's), down [E, D, I/2]; their scales and
@@ -447,33 +506,54 @@ at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& ids, const at::Te
               ": scales_zeros must be contiguous bf16 [E, D/group, 2I, 2] and [E, I/group, D, 2]");
   const Routing r = routing(x, ids, weights, E, D, op);
   if (r.P == 0) return at::zeros({r.T, D}, x.options().dtype(at::kFloat));
-  at::Tensor out;
-  auto run = [&](auto* tag) {
+  const uint8_t *gw = gate_up.data_ptr<uint8_t>(), *dw = down.data_ptr<uint8_t>();
+  const at::BFloat16 *gz = gate_up_sz.data_ptr<at::BFloat16>(), *dz = down_sz.data_ptr<at::BFloat16>();
+  const int64_t nd = D / QK, ni = I / QK;
+  return in_dtype(r.x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    const Quantized a = quantize(r.x, true);
-    at::Tensor gu = at::empty({r.P, 2 * I}, r.x.options());
-    T* g = gu.data_ptr<T>();
-    const uint8_t *gw = gate_up.data_ptr<uint8_t>(), *dw = down.data_ptr<uint8_t>();
-    const at::BFloat16 *gz = gate_up_sz.data_ptr<at::BFloat16>(), *dz = down_sz.data_ptr<at::BFloat16>();
-    const int64_t nd = D / QK, ni = I / QK;
-    over_pairs(r.P, 2 * I / 32, 1, [&](int64_t p, int64_t b0, int64_t b1) {
-      const int64_t e = r.ids[p], t = p / r.k;
-      int4_blocks(gw + e * 2 * I * D / 2, gz + e * 2 * I * D / group * 2, a.pairs + t * D * 32, a.d + t * nd,
-                  a.sum + t * nd, a.qsum + t * nd, g + p * 2 * I, 1, 2 * I, D, group, b0, b1);
-    });
-    const Quantized hq = quantize(swiglu<T>(gu, r.P, I), true);
-    at::Tensor y = at::empty({r.P, D}, r.x.options());
-    T* yp = y.data_ptr<T>();
-    over_pairs(r.P, D / 32, 1, [&](int64_t p, int64_t b0, int64_t b1) {
-      const int64_t e = r.ids[p];
-      int4_blocks(dw + e * D * I / 2, dz + e * D * I / group * 2, hq.pairs + p * I * 32, hq.d + p * ni,
-                  hq.sum + p * ni, hq.qsum + p * ni, yp + p * D, 1, D, I, group, b0, b1);
-    });
-    out = weighted_sum<T>(y, r.w, r.T, r.k, D);
-  };
-  if (r.x.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
-  else run(static_cast<at::BFloat16*>(nullptr));
-  return out;
+    auto prep = [](const at::Tensor& rows) { return quantize(rows, true); };
+    return run_experts<T>(r, D, I, 32, prep,
+        [&](const Quantized& a, int64_t t, int64_t e, int64_t n0, int64_t n1, T* out) {
+          int4_blocks(gw + e * 2 * I * D / 2, gz + e * 2 * I * D / group * 2, a.pairs + t * D * 32, a.d + t * nd,
+                      a.sum + t * nd, a.qsum + t * nd, out, 1, 2 * I, D, group, n0 / 32, n1 / 32);
+        },
+        [&](const Quantized& h, int64_t p, int64_t e, int64_t n0, int64_t n1, T* out) {
+          int4_blocks(dw + e * D * I / 2, dz + e * D * I / group * 2, h.pairs + p * I * 32, h.d + p * ni,
+                      h.sum + p * ni, h.qsum + p * ni, out, 1, D, I, group, n0 / 32, n1 / 32);
+        });
+  });
+}
+
+// bf16: gate and up [E, I, D] and down [E, D, I], each expert's rows contiguous (gate and up may be the two halves
+// of one [E, 2I, D] tensor: any stride between experts)
+at::Tensor bf16_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& gate,
+                        const at::Tensor& up, const at::Tensor& down) {
+  const char* op = "bf16_experts";
+  TORCH_CHECK(gate.dim() == 3 && up.sizes() == gate.sizes() && down.dim() == 3 && down.size(0) == gate.size(0) &&
+              down.size(1) == gate.size(2) && down.size(2) == gate.size(1), op,
+              ": gate and up must be [E, I, D], down [E, D, I]");
+  for (const at::Tensor* t : {&gate, &up, &down})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->stride(2) == 1 && t->stride(1) == t->size(2), op,
+                ": weights must be bf16 with each expert's rows contiguous");
+  const int64_t E = gate.size(0), I = gate.size(1), D = gate.size(2);
+  const Routing r = routing(x, ids, weights, E, D, op);
+  if (r.P == 0) return at::zeros({r.T, D}, x.options().dtype(at::kFloat));
+  const at::BFloat16 *gw = gate.data_ptr<at::BFloat16>(), *uw = up.data_ptr<at::BFloat16>(),
+                     *dw = down.data_ptr<at::BFloat16>();
+  const int64_t gs = gate.stride(0), us = up.stride(0), ds = down.stride(0);
+  return in_dtype(r.x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    auto prep = [](const at::Tensor& rows) { return rows.to(at::kFloat).contiguous(); };
+    return run_experts<T>(r, D, I, 1, prep,
+        [&](const at::Tensor& a, int64_t t, int64_t e, int64_t n0, int64_t n1, T* out) {
+          const float* xf = a.data_ptr<float>() + t * D;
+          if (n0 < I) bf16_rows(gw + e * gs, xf, out, 1, I, D, n0, std::min(n1, I));
+          if (n1 > I) bf16_rows(uw + e * us, xf, out + I, 1, I, D, std::max(n0, I) - I, n1 - I);
+        },
+        [&](const at::Tensor& h, int64_t p, int64_t e, int64_t n0, int64_t n1, T* out) {
+          bf16_rows(dw + e * ds, h.data_ptr<float>() + p * I, out, 1, D, I, n0, n1);
+        });
+  });
 }
 
 }  // namespace
@@ -481,14 +561,18 @@ at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& ids, const at::Te
 TORCH_LIBRARY(routed, m) {
   m.def("int8_dot(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("int4_dot(Tensor x, Tensor packed, Tensor scales_zeros, int group) -> Tensor");
+  m.def("bf16_dot(Tensor x, Tensor w) -> Tensor");
   m.def("int8_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate, Tensor gate_scale, Tensor up, "
         "Tensor up_scale, Tensor down, Tensor down_scale) -> Tensor");
   m.def("int4_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor gate_up_sz, Tensor down, "
         "Tensor down_sz, int group) -> Tensor");
+  m.def("bf16_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate, Tensor up, Tensor down) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(routed, CPU, m) {
   m.impl("int8_dot", &int8_dot);
   m.impl("int4_dot", &int4_dot);
+  m.impl("bf16_dot", &bf16_dot);
   m.impl("int8_experts", &int8_experts);
   m.impl("int4_experts", &int4_experts);
+  m.impl("bf16_experts", &bf16_experts);
 }
