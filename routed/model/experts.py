@@ -1,6 +1,7 @@
 """Routed-expert execution for one MoE layer: a reference loop, the grouped fast path (each chosen expert once
 over its tokens) and the gathered one (each (token, expert) pair's weights read in place: compiled, for the
-one-token block and for steps of a few tokens, `gather_pays`).
+one-token block and for steps of a few tokens, `gather_pays`) — or, where routed's kernels are built (AVX2), the
+fused one: the same pairs in one kernel call per layer (`RoutedExperts._fused`).
 
 Contract: `RoutedExperts(x_ND, topk_ids_NK, topk_weights_NK, impl)` returns `(y_ND, counts_E)` where
 `y[n] = Σ_k w[n,k] · Expert_{ids[n,k]}(x[n])` accumulated in fp32 and cast to x's dtype, and `counts[e]` is
