@@ -255,7 +255,7 @@ def load_model(
     for _, gate in model.gates():
         gate.counting = routing_telemetry
     if big:
-        if dtype == torch.bfloat16:
+        if dtype == torch.bfloat16 and not kernels.BF16_DOT:  # with it, routed's bf16_dot takes every one-row product
             gemv.enable()
         if int_fmt is not None and int_fmt.bits == 4:  # the prefill's int4 GEMMs widen their weights through it
             with progress_bar("compiling the int4 widening", total=1, enabled=progress) as advance:

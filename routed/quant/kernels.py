@@ -8,8 +8,9 @@ weights at 9-16 GB/s (`csrc/int_dot.cpp`, BENCHMARKS.md); `int4_dot` does the sa
 PyTorch's AVX2 packing (1.3-1.6x `_weight_int4pack_mm_for_cpu` from ~1500 rows on); `bf16_dot`, one bf16 row
 (decode's products and lm_head) with fp32 sums, reads at 1.2-1.4x inductor's fused loop and PyTorch's GEMV there.
 `bf16_experts` / `int8_experts` / `int4_experts` run a MoE layer's chosen experts for a few tokens in one call
-(`RoutedExperts._fused`). The build takes ~20 s once per machine (the extension cache, `TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); without a C++
-compiler it warns once and PyTorch's kernels stay. `ROUTED_NO_KERNELS=1` turns them off.
+(`RoutedExperts._fused`). The build takes ~20 s once per machine (the extension cache, `TORCH_EXTENSIONS_DIR`,
+default `~/.cache/torch_extensions`); without a C++ compiler it warns once and PyTorch's kernels (and inductor's
+loops) stay. `ROUTED_NO_KERNELS=1` turns them off.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def int_dot() -> bool:
         return False
     from torch.utils.cpp_extension import load
 
-    log.info("building routed's int8/int4 dot-product kernels (once per machine, ~20 s)")
+    log.info("building routed's CPU kernels (once per machine, ~20 s)")
     try:
         load(name="routed_int_dot", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
              is_python_module=False, verbose=False)
@@ -56,13 +57,10 @@ def int_dot() -> bool:
             lambda x, w, scale: x.new_empty(*x.shape[:-1], w.shape[0]))
         torch.library.register_fake("routed::int4_dot")(
             lambda x, packed, scales_zeros, group: x.new_empty(*x.shape[:-1], packed.shape[0]))
-        torch.library.register_fake("routed::int8_experts")(
-            lambda x, ids, weights, *w: x.new_empty(x.shape, dtype=torch.float32))
-        torch.library.register_fake("routed::int4_experts")(
-            lambda x, ids, weights, *w: x.new_empty(x.shape, dtype=torch.float32))
         torch.library.register_fake("routed::bf16_dot")(lambda x, w: x.new_empty(*x.shape[:-1], w.shape[0]))
-        torch.library.register_fake("routed::bf16_experts")(
-            lambda x, ids, weights, *w: x.new_empty(x.shape, dtype=torch.float32))
+        for op in ("bf16_experts", "int8_experts", "int4_experts"):  # a layer's experts: fp32 [tokens, D]
+            torch.library.register_fake(f"routed::{op}")(
+                lambda x, ids, weights, *w: x.new_empty(x.shape, dtype=torch.float32))
         _registered.append(True)
     from routed.quant.intq import _packed_block
 
