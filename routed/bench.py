@@ -57,6 +57,7 @@ def engine_info(model: torch.nn.Module) -> dict[str, Any]:
 
     return {"version": routed.__version__, "commit": _commit(), "gemv": gemv._state["kernel"] is not None,
             "compiled_decode": getattr(model, "_one_token_plan", None) is not None,
+            "native_decode": getattr(model, "_native", None) is not None,
             "attention": getattr(model, "attn_impl", None),
             "native_bf16_products": gemv.native_half_products(torch.bfloat16)}
 
@@ -136,12 +137,12 @@ class ExpertsTouched:
         self.model = model
         self.by_tokens: dict[int, list[int]] = {}
         self.handles: list[Any] = []
-        self.plan = None
+        self.plan = self.native = None
 
     def __enter__(self) -> "ExpertsTouched":
         self.plan = getattr(self.model, "_one_token_plan", None)
-        if self.plan is not None:
-            self.model._one_token_plan = None
+        self.native = getattr(self.model, "_native", None)
+        self.model._one_token_plan = self.model._native = None
 
         def hook(_module: Any, inputs: Any, output: Any) -> None:
             self.by_tokens.setdefault(inputs[0].shape[0], []).append(int((output[1] > 0).sum()))
@@ -152,8 +153,7 @@ class ExpertsTouched:
     def __exit__(self, *exc: Any) -> None:
         for h in self.handles:
             h.remove()
-        if self.plan is not None:
-            self.model._one_token_plan = self.plan
+        self.model._one_token_plan, self.model._native = self.plan, self.native
 
     def mean(self, tokens: int) -> float | None:
         """Mean over the calls that saw `tokens` tokens (a decode step of `tokens` sequences, or a prefill)."""

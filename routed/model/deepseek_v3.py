@@ -28,6 +28,7 @@ from torch import nn
 from routed.config import ModelConfig, RopeConfig
 from routed.model.attention import ATTENTION, ATTN_IMPLS, PagedBatch, paged_attention
 from routed.model.experts import RoutedExperts, gathered
+from routed.model import native
 from routed.model.gemv import Linear
 from routed.progress import progress_bar
 from routed.quant import intq
@@ -409,6 +410,7 @@ class Transformer(nn.Module):
         self.attn_impl = "auto"
         self._decode_fns: dict[tuple[type, ...], Callable] = {}  # compile_decode(): per run of block kinds
         self._one_token_plan: list[tuple[Callable, int, tuple[Block, ...]]] | None = None  # (fn, first, blocks)
+        self._native: list | None = None  # compile_decode(): one native DecodeLayer per block (routed.model.native)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -448,7 +450,10 @@ class Transformer(nn.Module):
         h = self.model.embed_tokens(input_ids_BT)
         # a context of one key (a one-token prompt's first step) stays eager: the compiled step's key count is
         # symbolic from 2 (1 is specialised on: it would compile a second graph while serving, ~25 s cold)
-        if (self._one_token_plan is not None and T == 1 and batch is not None and not torch.is_grad_enabled()
+        if (self._native is not None and T == 1 and batch is not None and not torch.is_grad_enabled()
+                and self.attn_impl != "naive"):
+            h = native.run(self, h, rope, batch)
+        elif (self._one_token_plan is not None and T == 1 and batch is not None and not torch.is_grad_enabled()
                 and len(batch.key_slots[0]) > 1):
             for run, first, blocks in self._one_token_plan:
                 h = run(blocks, h, rope, positions_BT, batch, first, self.attn_impl)
@@ -456,8 +461,12 @@ class Transformer(nn.Module):
             h = _run_blocks(tuple(self.model.layers), h, rope, positions_BT, batch, 0, self.attn_impl)
         return self.model.norm(h)
 
-    def compile_decode(self, progress: bool = False) -> bool:
+    def compile_decode(self, progress: bool = False, allow_native: bool = True) -> bool:
         """Compile the decoder for one-token steps (decode at batch 1); True if it is in use.
+
+        Where every block can run as routed's native `DecodeLayer` (`routed.model.native`: bf16 activations, routed's
+        kernels on an AVX2 CPU), that is the one-token step instead, and nothing is compiled but the few-token
+        experts (`allow_native=False`: compile the graph below regardless, as benchmarks comparing the two do).
 
         One-token steps are memory-bound GEMVs plus ~350 small ops per layer, most of them per-op overhead in
         eager PyTorch. Compiled (inductor), a block is a few fused loops: the one-row products
@@ -477,6 +486,11 @@ class Transformer(nn.Module):
         settings need. If compiling fails it warns and stays eager. Multi-token steps (prefill, batches) stay
         eager.
         """
+        if allow_native and (layers_native := native.build(self)) is not None:
+            self._native, self._one_token_plan = layers_native, None
+            self._compile_few_tokens()
+            return True
+        self._native = None
         layers = list(self.model.layers)
         try:
             # int4 (and AVX2's int8) experts: each chosen id is read as a size (`int(id)`) and selects a view of its

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).parent / "csrc" / "int_dot.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "int_dot.cpp", CSRC / "layer.cpp"]
 # Where the kernels run: AVX2 CPUs without AVX-512 (measured there). With AVX-512, inductor's fused int8 loop
 # reads at the bandwidth (`intq.FUSED_INT8_LOADS`) and FBGEMM has VNNI's 32-bit sums.
 WANTED = platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() == "AVX2"
@@ -33,6 +34,8 @@ INT8_DOT = False
 INT4_DOT = False
 BF16_DOT = False
 _registered: list[bool] = []
+# The built extension as a Python module (`DecodeLayer`, routed/model/native.py), once `int_dot()` has loaded it
+module = None
 
 
 @functools.cache
@@ -45,8 +48,8 @@ def int_dot() -> bool:
 
     log.info("building routed's CPU kernels (once per machine, ~20 s)")
     try:
-        load(name="routed_int_dot", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-             is_python_module=False, verbose=False)
+        built = load(name="routed_int_dot", sources=[str(s) for s in SOURCES],
+                     extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], is_python_module=True, verbose=False)
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, a failed build
         log.warning("routed's int8/int4 kernels could not be built (%s); int8 and int4 products stay on PyTorch's "
                     "kernels", str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__)
@@ -64,7 +67,8 @@ def int_dot() -> bool:
         _registered.append(True)
     from routed.quant.intq import _packed_block
 
-    global INT8_DOT, INT4_DOT, BF16_DOT
+    global INT8_DOT, INT4_DOT, BF16_DOT, module
     INT8_DOT = BF16_DOT = True
+    module = built
     INT4_DOT = _packed_block() == 32  # int4_dot reads PyTorch's AVX2 packing in place
     return True

@@ -17,7 +17,9 @@
 #include <cstring>
 #include <type_traits>
 
-namespace {
+#include "kernels.h"
+
+namespace routed {
 
 constexpr int64_t QK = 32;        // activations per quantization block
 constexpr int64_t PREFETCH = 512;  // bytes of weights ahead, within and across rows (rows are contiguous)
@@ -556,7 +558,7 @@ at::Tensor bf16_experts(const at::Tensor& x, const at::Tensor& ids, const at::Te
   });
 }
 
-}  // namespace
+}  // namespace routed
 
 TORCH_LIBRARY(routed, m) {
   m.def("int8_dot(Tensor x, Tensor w, Tensor scale) -> Tensor");
@@ -569,10 +571,10 @@ TORCH_LIBRARY(routed, m) {
   m.def("bf16_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate, Tensor up, Tensor down) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(routed, CPU, m) {
-  m.impl("int8_dot", &int8_dot);
-  m.impl("int4_dot", &int4_dot);
-  m.impl("bf16_dot", &bf16_dot);
-  m.impl("int8_experts", &int8_experts);
-  m.impl("int4_experts", &int4_experts);
-  m.impl("bf16_experts", &bf16_experts);
+  m.impl("int8_dot", &routed::int8_dot);
+  m.impl("int4_dot", &routed::int4_dot);
+  m.impl("bf16_dot", &routed::bf16_dot);
+  m.impl("int8_experts", &routed::int8_experts);
+  m.impl("int4_experts", &routed::int4_experts);
+  m.impl("bf16_experts", &routed::bf16_experts);
 }
