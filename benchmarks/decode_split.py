@@ -9,7 +9,9 @@ The difference is the kernels' time, and the weight bytes a step reads (`routed.
 it the rate they read at — beside `torch.sum` over a buffer of as many bytes in fp32 (this machine's read rate,
 measured in each round).
 
-Needs routed's kernels (AVX2 CPUs); a stand-in kernel is called through Python from the compiled graph, so
+This measures the compiled step (`compile_decode(allow_native=False)`): the native layers (`routed.model.native`,
+the default one-token step where routed's kernels run) call the kernels without the dispatcher, so there is nothing
+to swap; `benchmarks/native_decode_ab.py` compares the two. Needs routed's kernels (AVX2 CPUs); a stand-in kernel is called through Python from the compiled graph, so
 "without the kernels" slightly over-counts the rest (a few microseconds per call, ~60 calls a step).
 
     python benchmarks/decode_split.py --model checkpoints/small --quant bf16 --rounds 8
@@ -76,6 +78,7 @@ def split(path: str, quant: str, rounds: int, gen: int) -> dict:
         raise RoutedError("routed's kernels are not built here (they need an AVX2 CPU and a C++ compiler)")
     model = load_model(path, "bf16", quant=None if quant == "bf16" else quant, progress=True,
                        routing_telemetry=False)
+    model.compile_decode(progress=True, allow_native=False)  # the compiled step, whose kernels can be swapped
     engine = LLMEngine(model, Tokenizer.from_pretrained(path),
                        EngineConfig(routing_telemetry=False, enable_prefix_caching=False))
     rng = random.Random(0)

@@ -129,7 +129,7 @@ def test_compiled_decode_bf16_step_matches_eager(tiny_preset: Path, quant: str |
     assert next(m for m in model.modules() if isinstance(m, RoutedExperts)).fused == own_kernels
     if quant:
         assert {m.scales.dtype for m in model.modules() if isinstance(m, QLinear)} == {torch.bfloat16}
-    assert model.compile_decode()
+    assert model.compile_decode(allow_native=False)  # with routed's kernels the native layer would take the step
     for _, gate in model.gates():
         assert int(gate.expert_counts.sum()) == 0  # the warm-up leaves no trace in the telemetry
     cache = model.new_cache(64)
