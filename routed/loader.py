@@ -246,7 +246,7 @@ def load_model(
             _copy_duplicate_slots(module)
     big = model_bytes(model) >= gemv.MIN_MODEL_BYTES  # worth compiling (~3 s, ~12 s the first time on a machine)
     if kernels.WANTED and (int_fmt is not None or (big and dtype == torch.bfloat16)):
-        with progress_bar("routed's CPU kernels (built once per machine, ~25 s)", total=1,
+        with progress_bar("routed's CPU kernels (built once per machine, ~50 s)", total=1,
                           enabled=progress) as advance:
             kernels.int_dot()
             advance()

@@ -8,7 +8,8 @@ weights at 9-16 GB/s (`csrc/int_dot.cpp`, BENCHMARKS.md); `int4_dot` does the sa
 PyTorch's AVX2 packing (1.3-1.6x `_weight_int4pack_mm_for_cpu` from ~1500 rows on); `bf16_dot`, one bf16 row
 (decode's products and lm_head) with fp32 sums, reads at 1.2-1.4x inductor's fused loop and PyTorch's GEMV there.
 `bf16_experts` / `int8_experts` / `int4_experts` run a MoE layer's chosen experts for a few tokens in one call
-(`RoutedExperts._fused`). The build takes ~20 s once per machine (the extension cache, `TORCH_EXTENSIONS_DIR`,
+(`RoutedExperts._fused`). The same build holds the native one-token layer (`csrc/layer.cpp`, a Python module:
+`module.DecodeLayer`, `routed.model.native`). The build takes ~50 s once per machine (the extension cache, `TORCH_EXTENSIONS_DIR`,
 default `~/.cache/torch_extensions`); without a C++ compiler it warns once and PyTorch's kernels (and inductor's
 loops) stay. `ROUTED_NO_KERNELS=1` turns them off.
 """
@@ -46,7 +47,7 @@ def int_dot() -> bool:
         return False
     from torch.utils.cpp_extension import load
 
-    log.info("building routed's CPU kernels (once per machine, ~20 s)")
+    log.info("building routed's CPU kernels (once per machine, ~50 s)")
     try:
         built = load(name="routed_int_dot", sources=[str(s) for s in SOURCES],
                      extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], is_python_module=True, verbose=False)
