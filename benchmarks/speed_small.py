@@ -119,7 +119,8 @@ def main() -> None:
         engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=16, max_num_batched_tokens=args.prompt_len,
                                                     kv_cache_gb=0.5, enable_prefix_caching=False,
                                                     routing_telemetry=False))
-        engines[name] = {"load_s": load_s, "compiled_decode": model._one_token_plan is not None}
+        engines[name] = {"load_s": load_s, "compiled_decode": model._one_token_plan is not None,
+                         "native_decode": model._native is not None}
         _decode(engine, 1, 4, rng)
         for _ in range(3):
             _prefill(engine, args.prompt_len, rng)

@@ -56,7 +56,9 @@ def engine_info(model: torch.nn.Module) -> dict[str, Any]:
     from routed.model import gemv
 
     return {"version": routed.__version__, "commit": _commit(), "gemv": gemv._state["kernel"] is not None,
-            "compiled_decode": getattr(model, "_one_token_plan", None) is not None,
+            # the one-token step without eager's per-op overhead: compiled, or routed's native layers (which of the two)
+            "compiled_decode": (getattr(model, "_one_token_plan", None) is not None
+                                or getattr(model, "_native", None) is not None),
             "native_decode": getattr(model, "_native", None) is not None,
             "attention": getattr(model, "attn_impl", None),
             "native_bf16_products": gemv.native_half_products(torch.bfloat16)}
