@@ -106,8 +106,10 @@ def split(path: str, quant: str, rounds: int, gen: int) -> dict:
             "tok_s": round(1e3 / step, 2), "tok_s_if_only_kernels": round(1e3 / kernels_ms, 2)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def cli(doc: str, run) -> None:
+    """The command line this script and `native_decode_ab.py` share: run(model, quant, rounds, gen_len) -> a dict,
+    printed as JSON."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--quant", choices=("bf16", "int8", "int4"), default="bf16")
     ap.add_argument("--rounds", type=int, default=8)
@@ -117,9 +119,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        print(json.dumps(split(args.model, args.quant, args.rounds, args.gen_len), indent=1))
+        print(json.dumps(run(args.model, args.quant, args.rounds, args.gen_len), indent=1))
     except RoutedError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def main() -> None:
+    cli(__doc__, split)
 
 
 if __name__ == "__main__":

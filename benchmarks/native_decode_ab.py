@@ -9,13 +9,12 @@ so a noisy minute hits both alike. Medians over the rounds and the median of eac
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import statistics
 
 import torch
 
+from decode_split import cli  # benchmarks/decode_split.py
 from routed.bench import _decode
 from routed.config import EngineConfig
 from routed.engine.engine import LLMEngine
@@ -55,19 +54,7 @@ def ab(path: str, quant: str, rounds: int, gen: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--quant", choices=("bf16", "int8", "int4"), default="bf16")
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--gen-len", type=int, default=32, help="tokens per round")
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        print(json.dumps(ab(args.model, args.quant, args.rounds, args.gen_len), indent=1))
-    except RoutedError as e:
-        raise SystemExit(f"error: {e}") from None
+    cli(__doc__, ab)
 
 
 if __name__ == "__main__":
