@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from routed.config import ModelConfig, RopeConfig
+from routed.model import native
 from routed.model.attention import ATTENTION, ATTN_IMPLS, PagedBatch, paged_attention
 from routed.model.experts import RoutedExperts, gathered
-from routed.model import native
 from routed.model.gemv import Linear
 from routed.progress import progress_bar
 from routed.quant import intq
