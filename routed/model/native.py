@@ -52,7 +52,7 @@ def _mlp_specs(mlp: nn.Module, prefix: str) -> dict | None:
     return specs
 
 
-def _layer(block: nn.Module, cfg) -> object | None:
+def _layer(block: nn.Module) -> object | None:
     from routed.model.deepseek_v3 import MoE
 
     attn = block.self_attn
@@ -113,7 +113,7 @@ def build(model: nn.Module) -> list | None:
         return None
     layers = []
     for block in model.model.layers:
-        if block.self_attn.kv_b_proj.weight.device.type != "cpu" or (layer := _layer(block, model.config)) is None:
+        if block.self_attn.kv_b_proj.weight.device.type != "cpu" or (layer := _layer(block)) is None:
             return None
         layers.append(layer)
     return layers

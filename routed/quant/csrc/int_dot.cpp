@@ -24,17 +24,6 @@ namespace routed {
 constexpr int64_t QK = 32;        // activations per quantization block
 constexpr int64_t PREFETCH = 512;  // bytes of weights ahead, within and across rows (rows are contiguous)
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
-inline __m256 load8(const at::BFloat16* x) {  // bf16 -> fp32: the 16 bits into the high half
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
 
 // Each block of 32 activations rounded to steps of max|x| / 127 (to nearest, ties to even), vectorised; the
 // block's step, and for int4 its float sum and the sum of its rounded values

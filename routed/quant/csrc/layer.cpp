@@ -31,27 +31,16 @@ using bf16 = at::BFloat16;
 inline float f32(bf16 v) { return static_cast<float>(v); }
 inline bf16 round16(float v) { return static_cast<bf16>(v); }
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-inline __m256 widen8(const bf16* x) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256 widen8(const float* x) { return _mm256_loadu_ps(x); }
-
 // sum_i a[i] b[i] in fp32
 template <typename A, typename B>
 float dot(const A* a, const B* b, int64_t n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = s0;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    s0 = _mm256_fmadd_ps(widen8(a + i), widen8(b + i), s0);
-    s1 = _mm256_fmadd_ps(widen8(a + i + 8), widen8(b + i + 8), s1);
+    s0 = _mm256_fmadd_ps(load8(a + i), load8(b + i), s0);
+    s1 = _mm256_fmadd_ps(load8(a + i + 8), load8(b + i + 8), s1);
   }
-  float s = hsum8(_mm256_add_ps(s0, s1));
+  float s = hsum(_mm256_add_ps(s0, s1));
   for (; i < n; ++i) s += static_cast<float>(a[i]) * static_cast<float>(b[i]);
   return s;
 }
@@ -60,7 +49,7 @@ float dot(const A* a, const B* b, int64_t n) {
 inline void axpy(float a, const bf16* x, float* acc, int64_t n) {
   const __m256 av = _mm256_set1_ps(a);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(av, widen8(x + i), _mm256_loadu_ps(acc + i)));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(av, load8(x + i), _mm256_loadu_ps(acc + i)));
   for (; i < n; ++i) acc[i] += a * f32(x[i]);
 }
 
