@@ -465,8 +465,8 @@ class Transformer(nn.Module):
         """Compile the decoder for one-token steps (decode at batch 1); True if it is in use.
 
         Where every block can run as routed's native `DecodeLayer` (`routed.model.native`: bf16 activations, routed's
-        kernels on an AVX2 CPU), that is the one-token step instead, and nothing is compiled but the few-token
-        experts (`allow_native=False`: compile the graph below regardless, as benchmarks comparing the two do).
+        kernels on an AVX2 CPU), that is the one-token step instead and nothing is compiled (`allow_native=False`:
+        compile the graph below regardless, as benchmarks comparing the two do).
 
         One-token steps are memory-bound GEMVs plus ~350 small ops per layer, most of them per-op overhead in
         eager PyTorch. Compiled (inductor), a block is a few fused loops: the one-row products
@@ -487,8 +487,7 @@ class Transformer(nn.Module):
         eager.
         """
         if allow_native and (layers_native := native.build(self)) is not None:
-            self._native, self._one_token_plan = layers_native, None
-            self._compile_few_tokens()
+            self._native, self._one_token_plan = layers_native, None  # (its experts are fused: nothing gathers)
             return True
         self._native = None
         layers = list(self.model.layers)

@@ -109,7 +109,7 @@ def _layer(block: nn.Module) -> object | None:
 def build(model: nn.Module) -> list | None:
     """One `DecodeLayer` per decoder block of `model` (a loaded `Transformer`), or None if any block cannot run
     natively (see the module docstring)."""
-    if model.dtype != torch.bfloat16 or not kernels.int_dot() or kernels.module is None:
+    if model.dtype != torch.bfloat16 or not kernels.int_dot():
         return None
     layers = []
     for block in model.model.layers:
@@ -121,13 +121,11 @@ def build(model: nn.Module) -> list | None:
 
 def run(model: nn.Module, h_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch) -> torch.Tensor:
     """The decoder blocks for one token of one sequence (`Transformer.forward_hidden`)."""
-    from routed.model.deepseek_v3 import MoE
-
     cos, sin = (t.reshape(-1) for t in rope)
     slot, key_slots = int(batch.slots_N[0]), batch.key_slots[0]
     for i, (layer, block) in enumerate(zip(model._native, model.model.layers)):
-        mlp = block.mlp
-        counters = ([mlp.gate.expert_counts, mlp.gate.expert_weight, mlp.gate.route_stats]
-                    if isinstance(mlp, MoE) and mlp.gate.counting else [])
+        gate = getattr(block.mlp, "gate", None)  # a MoE block's router (its telemetry buffers, rebound per engine)
+        counters = ([gate.expert_counts, gate.expert_weight, gate.route_stats]
+                    if gate is not None and gate.counting else [])
         h_BTD = layer.forward(h_BTD, cos, sin, batch.cache_LPC, i, slot, key_slots, counters)
     return h_BTD
