@@ -46,8 +46,10 @@ def _close_bf16(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
 def test_native_block_equals_eager(folder: Path, quant: str | None) -> None:
     model = load_model(folder, "bf16", progress=False, quant=quant)
-    layers = native.build(model)
-    assert layers is not None and len(layers) == model.config.num_hidden_layers
+    step = native.build(model)
+    assert step is not None and step.has_head
+    layers = step.layers
+    assert len(layers) == model.config.num_hidden_layers
     g = torch.Generator().manual_seed(1)
     S, D = 11, model.config.hidden_size  # the context: 10 cached tokens and this one, in scattered slots
     cache = (torch.randn(model.new_cache(40).shape, generator=g) * 0.5).to(torch.bfloat16)
@@ -101,24 +103,58 @@ def test_engine_decodes_through_native_layers(folder: Path) -> None:
     assert model._native is not None and model._one_token_plan is None
     calls = []
 
-    class Counted:
-        def __init__(self, layer):
-            self.layer = layer
+    class Counted:  # the native model, each call recorded
+        has_head = True
 
-        def forward(self, *args):
-            calls.append(args[4])
-            return self.layer.forward(*args)
+        def __init__(self, step):
+            self.step = step
 
-    model._native = [Counted(layer) for layer in model._native]
+        def logits(self, *args):
+            calls.append(args[1])  # the token's position
+            return self.step.logits(*args)
+
+    model._native = Counted(model._native)
     fast, fast_counts = generate()
     assert fast == eager
-    assert calls == list(range(model.config.num_hidden_layers)) * 7  # the 7 decode steps after the prefill
+    assert calls == list(range(6, 13))  # the 7 decode steps after the prefill, one native call each
     assert torch.equal(fast_counts, eager_counts)
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_native_model_equals_eager(folder: Path, quant: str | None) -> None:
+    """The whole one-token step (embedding, every block, final norm, lm_head) against the eager model's
+    forward_hidden and logits on the same cache, at a position past yarn's original context (RoPE's cos / sin
+    computed natively)."""
+    model = load_model(folder, "bf16", progress=False, quant=quant)
+    assert model._native is None  # the model's own steps stay eager: the reference
+    step = native.build(model)
+    g = torch.Generator().manual_seed(2)
+    S, token = 9, 4242
+    cache = (torch.randn(model.new_cache(32).shape, generator=g) * 0.5).to(torch.bfloat16)
+    key_slots = torch.randperm(32, generator=g)[:S]
+    position = torch.tensor([[5000]])
+    cache_e, cache_n = cache.clone(), cache.clone()
+    with torch.inference_mode():
+        batch_e = PagedBatch(cache_e, key_slots[-1:], [(0, 1)], [key_slots])
+        hidden_e = model.forward_hidden(torch.tensor([[token]]), position, batch_e)  # eager: _native is unset
+        logits_e = model.logits(hidden_e[0])
+        hidden_n = step.hidden(token, 5000, cache_n, int(key_slots[-1]), key_slots, [])
+        logits_n = step.logits(token, 5000, cache.clone(), int(key_slots[-1]), key_slots, [])
+    assert hidden_n.shape == hidden_e.shape and logits_n.shape == logits_e.shape == (1, model.config.vocab_size)
+    assert logits_n.dtype == torch.float32
+    _close_bf16(hidden_n, hidden_e)
+    _close_bf16(logits_n, logits_e)
+    assert int(logits_n.argmax()) == int(logits_e.argmax())
+    written = cache_n[:, key_slots[-1]].clone()
+    cache_n[:, key_slots[-1]] = cache_e[:, key_slots[-1]]
+    assert torch.equal(cache_n, cache_e)  # only the token's slot, in every layer
+    _close_bf16(written, cache_e[:, key_slots[-1]])
 
 
 def test_native_layer_rejects_bad_input(folder: Path) -> None:
     model = load_model(folder, "bf16", progress=False)
-    layer = native.build(model)[0]
+    step = native.build(model)
+    layer = step.layers[0]
     cache = model.new_cache(8)
     cos, sin = model.rotary(torch.tensor([[2]]))
     h = torch.zeros(1, 1, model.config.hidden_size, dtype=torch.bfloat16)
@@ -126,6 +162,12 @@ def test_native_layer_rejects_bad_input(folder: Path) -> None:
         layer.forward(h, cos.reshape(-1), sin.reshape(-1), cache, 0, 2, torch.tensor([0, 1, 99]), [])
     with pytest.raises(RuntimeError, match="one bf16 row"):
         layer.forward(h.float(), cos.reshape(-1), sin.reshape(-1), cache, 0, 2, torch.tensor([0, 1, 2]), [])
+    with pytest.raises(RuntimeError, match="token id 129280 out of range"):
+        step.logits(129280, 2, cache, 2, torch.tensor([0, 1, 2]), [])
+    with pytest.raises(RuntimeError, match="too few layers"):
+        step.logits(5, 2, cache[:1].contiguous(), 2, torch.tensor([0, 1, 2]), [])
+    with pytest.raises(RuntimeError, match="counters for 1 layers"):
+        step.logits(5, 2, cache, 2, torch.tensor([0, 1, 2]), [[]])
 
 
 def test_native_needs_bf16_and_routed_kernels(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -92,8 +92,12 @@ class ModelRunner:
             rows.append(offset)
             offset += end - s.start
         positions, batch = self._paged(spans)
-        hidden = self._call("forward_hidden", (torch.tensor([ids]), positions), batch)
+        ids_BT = torch.tensor([ids])
         sampling = [(s, first + s.num_tokens - 1) for s, first in zip(sched.seqs, rows) if s.samples]
+        if (len(ids) == 1 and sampling and not self.speculative and self.ep is None
+                and (logits := self.model.decode_logits(ids_BT, positions, batch)) is not None):
+            return {sampling[0][0].request.request_id: self._sample(sampling[0][0], logits)}  # decode at batch 1
+        hidden = self._call("forward_hidden", (ids_BT, positions), batch)
         out = {}
         if sampling:  # one lm_head matmul over every row that samples (the last row, and the draft's row)
             logit_rows = [r + i for s, r in sampling for i in range(2 if s.draft is not None else 1)]

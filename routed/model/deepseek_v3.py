@@ -410,7 +410,7 @@ class Transformer(nn.Module):
         self.attn_impl = "auto"
         self._decode_fns: dict[tuple[type, ...], Callable] = {}  # compile_decode(): per run of block kinds
         self._one_token_plan: list[tuple[Callable, int, tuple[Block, ...]]] | None = None  # (fn, first, blocks)
-        self._native: list | None = None  # compile_decode(): one native DecodeLayer per block (routed.model.native)
+        self._native = None  # compile_decode(): the native one-token step, a `DecodeModel` (routed.model.native)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -444,22 +444,34 @@ class Transformer(nn.Module):
         its cache slot and each sequence attends over its own cached context.
         """
         B, T = input_ids_BT.shape
+        if self._native_step(input_ids_BT, batch):
+            return native.hidden(self, input_ids_BT, positions_BT, batch)
         if positions_BT is None:
             positions_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
         rope = self.rotary(positions_BT)
         h = self.model.embed_tokens(input_ids_BT)
         # a context of one key (a one-token prompt's first step) stays eager: the compiled step's key count is
         # symbolic from 2 (1 is specialised on: it would compile a second graph while serving, ~25 s cold)
-        if (self._native is not None and T == 1 and batch is not None and not torch.is_grad_enabled()
-                and self.attn_impl != "naive"):
-            h = native.run(self, h, rope, batch)
-        elif (self._one_token_plan is not None and T == 1 and batch is not None and not torch.is_grad_enabled()
+        if (self._one_token_plan is not None and T == 1 and batch is not None and not torch.is_grad_enabled()
                 and len(batch.key_slots[0]) > 1):
             for run, first, blocks in self._one_token_plan:
                 h = run(blocks, h, rope, positions_BT, batch, first, self.attn_impl)
         else:
             h = _run_blocks(tuple(self.model.layers), h, rope, positions_BT, batch, 0, self.attn_impl)
         return self.model.norm(h)
+
+    def _native_step(self, input_ids_BT: torch.Tensor, batch: PagedBatch | None) -> bool:
+        """Whether this step is one token of one sequence that the native model runs (`compile_decode`)."""
+        return (self._native is not None and input_ids_BT.numel() == 1 and batch is not None
+                and not torch.is_grad_enabled() and self.attn_impl != "naive")
+
+    def decode_logits(self, input_ids_BT: torch.Tensor, positions_BT: torch.Tensor, batch: PagedBatch
+                      ) -> torch.Tensor | None:
+        """The logits [1, V] (fp32) of a one-token step, embedding to lm_head in one native call — or None where
+        the native step does not take it (the caller runs `forward_hidden` and `logits`)."""
+        if not self._native_step(input_ids_BT, batch) or not self._native.has_head:
+            return None
+        return native.logits(self, input_ids_BT, positions_BT, batch)
 
     def compile_decode(self, progress: bool = False, allow_native: bool = True) -> bool:
         """Compile the decoder for one-token steps (decode at batch 1); True if it is in use.
@@ -486,8 +498,8 @@ class Transformer(nn.Module):
         settings need. If compiling fails it warns and stays eager. Multi-token steps (prefill, batches) stay
         eager.
         """
-        if allow_native and (layers_native := native.build(self)) is not None:
-            self._native, self._one_token_plan = layers_native, None  # (its experts are fused: nothing gathers)
+        if allow_native and (step := native.build(self)) is not None:
+            self._native, self._one_token_plan = step, None  # (its experts are fused: nothing gathers)
             return True
         self._native = None
         layers = list(self.model.layers)

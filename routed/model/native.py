@@ -1,16 +1,21 @@
-"""The native one-token step: each decoder block as one call of routed's C++ `DecodeLayer` (quant/csrc/layer.cpp).
+"""The native one-token step: a whole token of one sequence — embedding, every decoder block, the final norm and
+the lm_head — as one call of routed's C++ `DecodeModel`, each block a `DecodeLayer` (quant/csrc/layer.cpp).
 
 Decode at batch 1 reads every weight once per token, and on a CPU the rest of the step — norms, RoPE, the cache
 write, attention over the context, the router, SwiGLU, residuals: thousands of numbers, not millions — cost ~7-9
 ms of it on `small` as a compiled PyTorch graph (its ~190 kernels, dispatcher calls and allocations per step,
-each slowed by the caches the weight stream just evicted: BENCHMARKS.md). `DecodeLayer.forward` does a whole block
+each slowed by the caches the weight stream just evicted: BENCHMARKS.md). `DecodeLayer` does a whole block
 in one call: the weight products through routed's kernels (`bf16_dot`, `int8_dot`, `int4_dot`, the one-call
 experts) called directly, everything else in plain C++, with the eager model's roundings to bf16 between steps.
+`DecodeModel` runs the blocks in a C++ loop between the embedding row and the logits: a Python loop over the
+blocks, the norm and the lm_head's module call cost ~2.5 ms more per token (each Python step right after a
+layer's weights went through the caches: decode 1.06x, BENCHMARKS.md).
 
-`build(model)` makes the layers when every block can run so — bf16 activations, routed's kernels built (AVX2),
+`build(model)` makes it when every block can run so — bf16 activations, routed's kernels built (AVX2),
 every product one they take, resident experts (no offload, no expert parallelism) — and returns None otherwise,
 leaving the compiled step (`Transformer.compile_decode`). The engine's one-token steps take it through
-`Transformer.forward_hidden`; routing telemetry is counted into each router's buffers as `Gate._count` does.
+`Transformer.decode_logits` (or `forward_hidden` where the step needs the hidden state: speculative decoding);
+routing telemetry is counted into each router's buffers as `Gate._count` does.
 """
 
 from __future__ import annotations
@@ -106,26 +111,41 @@ def _layer(block: nn.Module) -> object | None:
                                       experts, group)
 
 
-def build(model: nn.Module) -> list | None:
-    """One `DecodeLayer` per decoder block of `model` (a loaded `Transformer`), or None if any block cannot run
-    natively (see the module docstring)."""
+def build(model: nn.Module) -> object | None:
+    """The native one-token step of `model` (a loaded `Transformer`): a `DecodeModel` holding one `DecodeLayer` per
+    decoder block, the embedding, the final norm and (where routed's kernels take it) the lm_head — or None if any
+    block cannot run natively (see the module docstring)."""
     if model.dtype != torch.bfloat16 or not kernels.int_dot():
+        return None
+    embed = model.model.embed_tokens.weight
+    if embed.dtype != torch.bfloat16 or embed.device.type != "cpu":
         return None
     layers = []
     for block in model.model.layers:
         if block.self_attn.kv_b_proj.weight.device.type != "cpu" or (layer := _layer(block)) is None:
             return None
         layers.append(layer)
-    return layers
+    head = _linear_spec(model.lm_head) or (-1, torch.empty(0), torch.empty(0), 0)
+    return kernels.module.DecodeModel(layers, embed, model.model.norm.weight, model.model.norm.eps, head,
+                                      model.rotary.inv_freq, model.rotary.factor)
 
 
-def run(model: nn.Module, h_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch) -> torch.Tensor:
-    """The decoder blocks for one token of one sequence (`Transformer.forward_hidden`)."""
-    cos, sin = (t.reshape(-1) for t in rope)
-    slot, key_slots = int(batch.slots_N[0]), batch.key_slots[0]
-    for i, (layer, block) in enumerate(zip(model._native, model.model.layers)):
+def _args(model: nn.Module, ids_BT: torch.Tensor, positions_BT: torch.Tensor | None, batch) -> tuple:
+    """`DecodeModel`'s arguments for the one token of one sequence in `batch`."""
+    counters = []
+    for block in model.model.layers:
         gate = getattr(block.mlp, "gate", None)  # a MoE block's router (its telemetry buffers, rebound per engine)
-        counters = ([gate.expert_counts, gate.expert_weight, gate.route_stats]
-                    if gate is not None and gate.counting else [])
-        h_BTD = layer.forward(h_BTD, cos, sin, batch.cache_LPC, i, slot, key_slots, counters)
-    return h_BTD
+        counters.append([gate.expert_counts, gate.expert_weight, gate.route_stats]
+                        if gate is not None and gate.counting else [])
+    position = 0 if positions_BT is None else int(positions_BT.reshape(-1)[0])
+    return int(ids_BT.reshape(-1)[0]), position, batch.cache_LPC, int(batch.slots_N[0]), batch.key_slots[0], counters
+
+
+def hidden(model: nn.Module, ids_BT: torch.Tensor, positions_BT: torch.Tensor | None, batch) -> torch.Tensor:
+    """The hidden state after the final norm, [1, 1, D], for one token of one sequence (`Transformer.forward_hidden`)."""
+    return model._native.hidden(*_args(model, ids_BT, positions_BT, batch))
+
+
+def logits(model: nn.Module, ids_BT: torch.Tensor, positions_BT: torch.Tensor | None, batch) -> torch.Tensor:
+    """Its logits, [1, V] fp32, in the same one call (`Transformer.decode_logits`)."""
+    return model._native.logits(*_args(model, ids_BT, positions_BT, batch))

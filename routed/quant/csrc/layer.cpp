@@ -17,6 +17,7 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <memory>
 #include <numeric>
 #include <string>
 #include <tuple>
@@ -168,23 +169,37 @@ class DecodeLayer {
                      int64_t layer, int64_t slot, const at::Tensor& key_slots,
                      const std::vector<at::Tensor>& counters) const {
     TORCH_CHECK(h.scalar_type() == at::kBFloat16 && h.numel() == h.size(-1), "native layer: h is one bf16 row");
-    TORCH_CHECK(cache.scalar_type() == at::kBFloat16 && cache.is_contiguous() && cache.dim() == 3 &&
-                cache.size(2) == L_ + R_, "native layer: the cache must be contiguous bf16 [layers, slots, L + R]");
-    TORCH_CHECK(key_slots.scalar_type() == at::kLong && key_slots.dim() == 1 && key_slots.size(0) >= 1,
-                "native layer: key_slots must be int64 [S]");
-    const int64_t D = h.size(-1);
-    const at::Tensor hx = h.reshape({1, D}).contiguous();
+    check_cache(cache, key_slots);
     const at::Tensor cs = cos.to(at::kFloat).contiguous(), sn = sin.to(at::kFloat).contiguous();
+    TORCH_CHECK(cs.numel() == R_ / 2 && sn.numel() == R_ / 2, "native layer: cos and sin must have rope_dim / 2 values");
+    return step(h.reshape({1, h.size(-1)}).contiguous(), cs.data_ptr<float>(), sn.data_ptr<float>(), cache, layer,
+                slot, key_slots.contiguous(), counters).view(h.sizes());
+  }
+
+  // forward's work on a contiguous [1, D] row, its arguments checked (`DecodeModel` checks them once per token)
+  at::Tensor step(const at::Tensor& hx, const float* cos, const float* sin, const at::Tensor& cache, int64_t layer,
+                  int64_t slot, const at::Tensor& key_slots, const std::vector<at::Tensor>& counters) const {
+    const int64_t D = hx.size(-1);
     at::Tensor x = at::empty({1, D}, hx.options());
     rms_norm(bf16_ptr(hx), bf16_ptr(input_norm_), D, eps_, bf16_ptr(x));
-    const at::Tensor attn = attention(x, cs.data_ptr<float>(), sn.data_ptr<float>(), cache, layer, slot, key_slots);
+    const at::Tensor attn = attention(x, cos, sin, cache, layer, slot, key_slots);
     at::Tensor h1 = at::empty({1, D}, hx.options());
     add(hx, attn, h1);
     rms_norm(bf16_ptr(h1), bf16_ptr(post_norm_), D, eps_, bf16_ptr(x));
     const at::Tensor y = moe_ ? moe(x, counters) : mlp_(x);
     at::Tensor out = at::empty_like(h1);
     add(h1, y, out);
-    return out.view(h.sizes());
+    return out;
+  }
+
+  int64_t rope_dim() const { return R_; }
+  int64_t latent_dim() const { return L_ + R_; }
+
+  void check_cache(const at::Tensor& cache, const at::Tensor& key_slots) const {
+    TORCH_CHECK(cache.scalar_type() == at::kBFloat16 && cache.is_contiguous() && cache.dim() == 3 &&
+                cache.size(2) == L_ + R_, "native layer: the cache must be contiguous bf16 [layers, slots, L + R]");
+    TORCH_CHECK(key_slots.scalar_type() == at::kLong && key_slots.dim() == 1 && key_slots.size(0) >= 1,
+                "native layer: key_slots must be int64 [S]");
   }
 
  private:
@@ -367,12 +382,85 @@ class DecodeLayer {
   int64_t experts_group_ = 0;
 };
 
+// the whole one-token step of a sequence (`Transformer.forward_hidden`, then `logits`): the token's embedding row,
+// every block's `DecodeLayer`, the final norm and the lm_head — one call per token, where a Python loop over the
+// blocks paid ~0.1 ms per block and as much again for each small op around them, each run right after the weights
+// streamed through the caches (BENCHMARKS.md). cos / sin of the position as `RotaryEmbedding` computes them (fp32
+// angle, times the yarn factor; the math library's cos and sin, not PyTorch's vectorised ones: within an ulp).
+class DecodeModel {
+ public:
+  DecodeModel(std::vector<std::shared_ptr<DecodeLayer>> layers, const at::Tensor& embed, const at::Tensor& norm,
+              double eps, const LinearSpec& head, const at::Tensor& inv_freq, double factor)
+      : layers_(std::move(layers)), embed_(embed.contiguous()), norm_(norm.contiguous()), eps_(eps),
+        inv_freq_(inv_freq.to(at::kFloat).contiguous()), factor_(factor) {
+    TORCH_CHECK(!layers_.empty(), "native model: no layers");
+    TORCH_CHECK(embed_.scalar_type() == at::kBFloat16 && embed_.dim() == 2 && norm_.scalar_type() == at::kBFloat16 &&
+                norm_.numel() == embed_.size(1), "native model: embedding [V, D] and final norm [D] must be bf16");
+    TORCH_CHECK(inv_freq_.numel() == layers_[0]->rope_dim() / 2, "native model: inv_freq must have rope_dim / 2 values");
+    if (std::get<0>(head) >= 0) head_ = {std::get<0>(head), std::get<1>(head), std::get<2>(head), std::get<3>(head)};
+  }
+
+  // the hidden state after the final norm, [1, 1, D] bf16; writes the token's latents at `slot` in every layer
+  at::Tensor hidden(int64_t token, int64_t position, const at::Tensor& cache, int64_t slot,
+                    const at::Tensor& key_slots, const std::vector<std::vector<at::Tensor>>& counters) const {
+    TORCH_CHECK(token >= 0 && token < embed_.size(0), "native model: token id ", token, " out of range [0, ",
+                embed_.size(0), ")");
+    TORCH_CHECK(position >= 0, "native model: negative position");
+    TORCH_CHECK(counters.empty() || counters.size() == layers_.size(), "native model: counters for ", counters.size(),
+                " layers, the model has ", layers_.size());
+    layers_[0]->check_cache(cache, key_slots);
+    TORCH_CHECK(cache.size(0) >= static_cast<int64_t>(layers_.size()), "native model: the cache has too few layers");
+    const at::Tensor keys = key_slots.contiguous();
+    const int64_t D = embed_.size(1), P = inv_freq_.numel();
+    std::vector<float> cos(P), sin(P);
+    const float* f = inv_freq_.data_ptr<float>();
+    for (int64_t p = 0; p < P; ++p) {
+      const float angle = static_cast<float>(position) * f[p];
+      cos[p] = std::cos(angle) * static_cast<float>(factor_), sin[p] = std::sin(angle) * static_cast<float>(factor_);
+    }
+    at::Tensor h = embed_.narrow(0, token, 1).clone();
+    static const std::vector<at::Tensor> none;
+    for (size_t i = 0; i < layers_.size(); ++i)
+      h = layers_[i]->step(h, cos.data(), sin.data(), cache, static_cast<int64_t>(i), slot, keys,
+                           counters.empty() ? none : counters[i]);
+    at::Tensor out = at::empty({1, 1, D}, h.options());
+    rms_norm(bf16_ptr(h), bf16_ptr(norm_), D, eps_, bf16_ptr(out));
+    return out;
+  }
+
+  // the lm_head's logits of that hidden state, [1, V] fp32 (its bf16 products, as `Transformer.logits`)
+  at::Tensor logits(int64_t token, int64_t position, const at::Tensor& cache, int64_t slot,
+                    const at::Tensor& key_slots, const std::vector<std::vector<at::Tensor>>& counters) const {
+    TORCH_CHECK(head_.defined(), "native model: built without the lm_head");
+    const at::Tensor h = hidden(token, position, cache, slot, key_slots, counters);
+    return head_(h.view({1, h.size(-1)})).to(at::kFloat);
+  }
+
+  bool has_head() const { return head_.defined(); }
+  const std::vector<std::shared_ptr<DecodeLayer>>& layers() const { return layers_; }
+
+ private:
+  std::vector<std::shared_ptr<DecodeLayer>> layers_;
+  at::Tensor embed_, norm_;
+  float eps_;
+  Linear head_;
+  at::Tensor inv_freq_;
+  double factor_;
+};
+
 }  // namespace
 }  // namespace routed
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<routed::DecodeLayer>(m, "DecodeLayer")
+  pybind11::class_<routed::DecodeLayer, std::shared_ptr<routed::DecodeLayer>>(m, "DecodeLayer")
       .def(pybind11::init<const std::map<std::string, routed::LinearSpec>&, const std::map<std::string, at::Tensor>&,
                           const std::map<std::string, double>&, int64_t, std::vector<at::Tensor>, int64_t>())
       .def("forward", &routed::DecodeLayer::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+  pybind11::class_<routed::DecodeModel>(m, "DecodeModel")
+      .def(pybind11::init<std::vector<std::shared_ptr<routed::DecodeLayer>>, const at::Tensor&, const at::Tensor&,
+                          double, const routed::LinearSpec&, const at::Tensor&, double>())
+      .def("hidden", &routed::DecodeModel::hidden, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("logits", &routed::DecodeModel::logits, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def_property_readonly("has_head", &routed::DecodeModel::has_head)
+      .def_property_readonly("layers", &routed::DecodeModel::layers);
 }
