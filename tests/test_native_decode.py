@@ -103,17 +103,15 @@ def test_engine_decodes_through_native_layers(folder: Path) -> None:
     assert model._native is not None and model._one_token_plan is None
     calls = []
 
-    class Counted:  # the native model, each call recorded
-        has_head = True
-
-        def __init__(self, step):
-            self.step = step
+    class Counted:  # the C++ model, each call recorded
+        def __init__(self, cpp):
+            self.cpp = cpp
 
         def logits(self, *args):
             calls.append(args[1])  # the token's position
-            return self.step.logits(*args)
+            return self.cpp.logits(*args)
 
-    model._native = Counted(model._native)
+    model._native.model = Counted(model._native.model)
     fast, fast_counts = generate()
     assert fast == eager
     assert calls == list(range(6, 13))  # the 7 decode steps after the prefill, one native call each
@@ -138,8 +136,10 @@ def test_native_model_equals_eager(folder: Path, quant: str | None) -> None:
         batch_e = PagedBatch(cache_e, key_slots[-1:], [(0, 1)], [key_slots])
         hidden_e = model.forward_hidden(torch.tensor([[token]]), position, batch_e)  # eager: _native is unset
         logits_e = model.logits(hidden_e[0])
-        hidden_n = step.hidden(token, 5000, cache_n, int(key_slots[-1]), key_slots, [])
-        logits_n = step.logits(token, 5000, cache.clone(), int(key_slots[-1]), key_slots, [])
+        hidden_n = step.hidden(torch.tensor([[token]]), position, PagedBatch(cache_n, key_slots[-1:], [(0, 1)],
+                                                                            [key_slots]))
+        logits_n = step.logits(torch.tensor([[token]]), position, PagedBatch(cache.clone(), key_slots[-1:], [(0, 1)],
+                                                                            [key_slots]))
     assert hidden_n.shape == hidden_e.shape and logits_n.shape == logits_e.shape == (1, model.config.vocab_size)
     assert logits_n.dtype == torch.float32
     _close_bf16(hidden_n, hidden_e)
@@ -163,11 +163,11 @@ def test_native_layer_rejects_bad_input(folder: Path) -> None:
     with pytest.raises(RuntimeError, match="one bf16 row"):
         layer.forward(h.float(), cos.reshape(-1), sin.reshape(-1), cache, 0, 2, torch.tensor([0, 1, 2]), [])
     with pytest.raises(RuntimeError, match="token id 129280 out of range"):
-        step.logits(129280, 2, cache, 2, torch.tensor([0, 1, 2]), [])
+        step.model.logits(129280, 2, cache, 2, torch.tensor([0, 1, 2]), [])
     with pytest.raises(RuntimeError, match="too few layers"):
-        step.logits(5, 2, cache[:1].contiguous(), 2, torch.tensor([0, 1, 2]), [])
+        step.model.logits(5, 2, cache[:1].contiguous(), 2, torch.tensor([0, 1, 2]), [])
     with pytest.raises(RuntimeError, match="counters for 1 layers"):
-        step.logits(5, 2, cache, 2, torch.tensor([0, 1, 2]), [[]])
+        step.model.logits(5, 2, cache, 2, torch.tensor([0, 1, 2]), [[]])
 
 
 def test_native_needs_bf16_and_routed_kernels(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:

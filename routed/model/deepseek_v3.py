@@ -410,7 +410,7 @@ class Transformer(nn.Module):
         self.attn_impl = "auto"
         self._decode_fns: dict[tuple[type, ...], Callable] = {}  # compile_decode(): per run of block kinds
         self._one_token_plan: list[tuple[Callable, int, tuple[Block, ...]]] | None = None  # (fn, first, blocks)
-        self._native = None  # compile_decode(): the native one-token step, a `DecodeModel` (routed.model.native)
+        self._native = None  # compile_decode(): the native one-token step (routed.model.native.NativeStep)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -445,7 +445,7 @@ class Transformer(nn.Module):
         """
         B, T = input_ids_BT.shape
         if self._native_step(input_ids_BT, batch):
-            return native.hidden(self, input_ids_BT, positions_BT, batch)
+            return self._native.hidden(input_ids_BT, positions_BT, batch)
         if positions_BT is None:
             positions_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
         rope = self.rotary(positions_BT)
@@ -471,7 +471,7 @@ class Transformer(nn.Module):
         the native step does not take it (the caller runs `forward_hidden` and `logits`)."""
         if not self._native_step(input_ids_BT, batch) or not self._native.has_head:
             return None
-        return native.logits(self, input_ids_BT, positions_BT, batch)
+        return self._native.logits(input_ids_BT, positions_BT, batch)
 
     def compile_decode(self, progress: bool = False, allow_native: bool = True) -> bool:
         """Compile the decoder for one-token steps (decode at batch 1); True if it is in use.

@@ -111,7 +111,33 @@ def _layer(block: nn.Module) -> object | None:
                                       experts, group)
 
 
-def build(model: nn.Module) -> object | None:
+class NativeStep:
+    """routed's C++ `DecodeModel` for one model, with the MoE blocks' routers (whose telemetry buffers the engine
+    rebinds) found once: a step's arguments without a walk over the modules."""
+
+    def __init__(self, model: object, gates: list) -> None:
+        self.model, self.gates = model, gates
+        self.has_head, self.layers = model.has_head, model.layers
+
+    def _args(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor | None, batch) -> tuple:
+        """`DecodeModel`'s arguments for the one token of one sequence in `batch`."""
+        counters = [[g.expert_counts, g.expert_weight, g.route_stats] if g is not None and g.counting else []
+                    for g in self.gates]
+        position = 0 if positions_BT is None else int(positions_BT.reshape(-1)[0])
+        return (int(ids_BT.reshape(-1)[0]), position, batch.cache_LPC, int(batch.slots_N[0]), batch.key_slots[0],
+                counters if any(counters) else [])
+
+    def hidden(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor | None, batch) -> torch.Tensor:
+        """The hidden state after the final norm, [1, 1, D], for one token of one sequence
+        (`Transformer.forward_hidden`)."""
+        return self.model.hidden(*self._args(ids_BT, positions_BT, batch))
+
+    def logits(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor | None, batch) -> torch.Tensor:
+        """Its logits, [1, V] fp32, in the same one call (`Transformer.decode_logits`)."""
+        return self.model.logits(*self._args(ids_BT, positions_BT, batch))
+
+
+def build(model: nn.Module) -> NativeStep | None:
     """The native one-token step of `model` (a loaded `Transformer`): a `DecodeModel` holding one `DecodeLayer` per
     decoder block, the embedding, the final norm and (where routed's kernels take it) the lm_head — or None if any
     block cannot run natively (see the module docstring)."""
@@ -126,26 +152,6 @@ def build(model: nn.Module) -> object | None:
             return None
         layers.append(layer)
     head = _linear_spec(model.lm_head) or (-1, torch.empty(0), torch.empty(0), 0)
-    return kernels.module.DecodeModel(layers, embed, model.model.norm.weight, model.model.norm.eps, head,
-                                      model.rotary.inv_freq, model.rotary.factor)
-
-
-def _args(model: nn.Module, ids_BT: torch.Tensor, positions_BT: torch.Tensor | None, batch) -> tuple:
-    """`DecodeModel`'s arguments for the one token of one sequence in `batch`."""
-    counters = []
-    for block in model.model.layers:
-        gate = getattr(block.mlp, "gate", None)  # a MoE block's router (its telemetry buffers, rebound per engine)
-        counters.append([gate.expert_counts, gate.expert_weight, gate.route_stats]
-                        if gate is not None and gate.counting else [])
-    position = 0 if positions_BT is None else int(positions_BT.reshape(-1)[0])
-    return int(ids_BT.reshape(-1)[0]), position, batch.cache_LPC, int(batch.slots_N[0]), batch.key_slots[0], counters
-
-
-def hidden(model: nn.Module, ids_BT: torch.Tensor, positions_BT: torch.Tensor | None, batch) -> torch.Tensor:
-    """The hidden state after the final norm, [1, 1, D], for one token of one sequence (`Transformer.forward_hidden`)."""
-    return model._native.hidden(*_args(model, ids_BT, positions_BT, batch))
-
-
-def logits(model: nn.Module, ids_BT: torch.Tensor, positions_BT: torch.Tensor | None, batch) -> torch.Tensor:
-    """Its logits, [1, V] fp32, in the same one call (`Transformer.decode_logits`)."""
-    return model._native.logits(*_args(model, ids_BT, positions_BT, batch))
+    cpp = kernels.module.DecodeModel(layers, embed, model.model.norm.weight, model.model.norm.eps, head,
+                                     model.rotary.inv_freq, model.rotary.factor)
+    return NativeStep(cpp, [getattr(block.mlp, "gate", None) for block in model.model.layers])
