@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from routed.config import ModelConfig
 from routed.errors import RoutedError
-from routed.malloc import keep_freed_memory, release_freed_memory
+from routed.malloc import advise_huge_pages, keep_freed_memory, release_freed_memory
 from routed.model import gemv
 from routed.model.deepseek_v3 import Gate, MoE, Transformer
 from routed.model.experts import RoutedExperts
@@ -203,6 +203,7 @@ def load_model(
             quantize_model(model, int_fmt, from_weights=False)
     offloaded = _plan_offload(model, folder, infos, cfg, dtype, max_ram_gb, quant) if max_ram_gb else False
     model.to_empty(device="cpu")
+    advise_huge_pages(list(model.parameters()) + list(model.buffers()))  # before the reads fault them in
     table = checkpoint_table(model)
     state = model.state_dict(keep_vars=True)
     absent_bias = [n for n in table if n.endswith("e_score_correction_bias") and n not in infos]

@@ -88,3 +88,40 @@ def test_importing_routed_caps_the_gemm_kernel_caches_unless_the_environment_set
     env["LRU_CACHE_CAPACITY"] = "7"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert json.loads(out.stdout)["LRU_CACHE_CAPACITY"] == "7"
+
+
+def _thp_on_request() -> bool:
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return False
+    return "[madvise]" in mode or "[always]" in mode
+
+
+def _huge_kb(start: int, stop: int) -> int:
+    """AnonHugePages of the mappings overlapping [start, stop) (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo < stop and hi > start
+            elif inside and line.startswith("AnonHugePages:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not _glibc() or not _thp_on_request(), reason="Linux with transparent huge pages on request")
+def test_weights_made_with_huge_pages_get_them_and_keep_their_values() -> None:
+    import torch
+
+    from routed.malloc import HUGE_PAGE, advise_huge_pages, huge_empty
+
+    w = huge_empty((8 * HUGE_PAGE,), torch.uint8)  # 16 MiB: at least 7 aligned huge pages inside
+    w.copy_(torch.arange(w.numel()) % 251)
+    start = w.data_ptr()
+    assert _huge_kb(start, start + w.numel()) >= 7 * HUGE_PAGE // 1024
+    assert torch.equal(w, (torch.arange(w.numel()) % 251).to(torch.uint8))
+    assert advise_huge_pages([w, w[5:]]) == advise_huge_pages([w]) >= 7 * HUGE_PAGE  # one storage, counted once
+    assert advise_huge_pages([torch.empty(1000)]) == 0  # no whole aligned huge page inside

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from routed.malloc import huge_empty
 from routed.model.gemv import PADDED_DTYPES, linear, product_dtype, realized
 from routed.quant import intq, kernels
 from routed.quant.intq import (IntFormat, int4_linear, int8_linear, pack_int4, quantize_int4,
@@ -124,8 +125,9 @@ class RoutedExperts(nn.Module):
         concatenated the same way."""
         if self.fmt is None:
             if self.store is None and self.gate_proj.numel() and self._gate_up() is None:
-                I = self.gate_proj.shape[1]
-                gate_up = torch.cat([self.gate_proj.detach(), self.up_proj.detach()], dim=1)
+                (E, I, D), gate, up = self.gate_proj.shape, self.gate_proj.detach(), self.up_proj.detach()
+                gate_up = huge_empty((E, 2 * I, D), gate.dtype) if gate.device.type == "cpu" else None
+                gate_up = torch.cat([gate, up], dim=1, out=gate_up)
                 self.gate_proj = nn.Parameter(gate_up[:, :I], requires_grad=False)
                 self.up_proj = nn.Parameter(gate_up[:, I:], requires_grad=False)
             return
@@ -134,8 +136,8 @@ class RoutedExperts(nn.Module):
         gate, up, down = self.gate_proj_qweight, self.up_proj_qweight, self.down_proj_qweight
         (E, I, half_D), half_I = gate.shape, down.shape[2]
         # packed into their final tensors expert by expert: no list of packed copies beside them (the load's peak)
-        gate_up_packed = self._packed["gate_up_proj"] = torch.empty(E, 2 * I, half_D, dtype=torch.uint8)
-        down_packed = self._packed["down_proj"] = torch.empty(E, down.shape[1], half_I, dtype=torch.uint8)
+        gate_up_packed = self._packed["gate_up_proj"] = huge_empty((E, 2 * I, half_D), torch.uint8)
+        down_packed = self._packed["down_proj"] = huge_empty((E, down.shape[1], half_I), torch.uint8)
         for e in range(E):
             gate_up_packed[e] = pack_int4(torch.cat([gate[e], up[e]]))
             down_packed[e] = pack_int4(down[e])
