@@ -222,11 +222,19 @@ def test_bf16_dot_is_the_fp32_sum_of_bf16_products(dtype: torch.dtype, rows: int
             torch.ops.routed.bf16_dot(*bad)
 
 
-def test_one_bf16_row_runs_on_bf16_dot_in_inference() -> None:
+def test_a_decode_batch_of_bf16_rows_runs_on_bf16_dot_in_inference() -> None:
+    """Up to BF16_DOT_ROWS rows (a batched decode step's) through bf16_dot, each row as it would be alone."""
     from routed.model import gemv
 
     w, x = torch.randn(300, 256).bfloat16(), torch.randn(1, 256).bfloat16()
+    rows = torch.randn(gemv.BF16_DOT_ROWS + 1, 1, 256).bfloat16()
     with torch.inference_mode():
         assert gemv.takes_bf16_dot(x, w) and torch.equal(gemv.linear(x, w), torch.ops.routed.bf16_dot(x, w))
         assert not gemv.takes_bf16_dot(x, w.t().contiguous().t())  # not contiguous: F.linear
+        batch = rows[: gemv.BF16_DOT_ROWS]
+        assert gemv.takes_bf16_dot(batch, w) and not gemv.takes_bf16_dot(rows, w)  # more rows: the GEMM
+        out = gemv.linear(batch, w)
+        assert out.shape == (gemv.BF16_DOT_ROWS, 1, 300)
+        for i in range(gemv.BF16_DOT_ROWS):  # batch-invariant: the same bits as the row's own product
+            assert torch.equal(out[i], gemv.linear(batch[i], w))
     assert not gemv.takes_bf16_dot(x, w)  # autograd on (training)

@@ -40,6 +40,9 @@ ROWS_MULTIPLE = 16  # `gemm`: row counts from this on are padded to a multiple o
 PADDED_DTYPES = (torch.bfloat16, torch.float16)
 # From this many rows on, a half-precision product on a CPU without native ones runs in fp32 (`product_dtype`)
 FP32_ROWS = 8
+# Up to this many rows (a batched decode step's), bf16 products where routed's `bf16_dot` is built (AVX2) run
+# through it: each weight row read from memory once for all the rows, each row summed as it would be alone
+BF16_DOT_ROWS = 16
 # A weight widened for a GEMM is widened in row chunks of about this many weights, so the transients stay a few
 # MB whatever the weight (DeepSeek-V3's o_proj, 117 M weights, widened whole to bf16 through int4's fp32 steps:
 # ~1.2 GB at once). `small`'s experts (1 M weights each) take one chunk; its dense MLP (5.8 M) six.
@@ -105,9 +108,11 @@ def takes_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def takes_bf16_dot(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """One bf16 row against a contiguous bf16 weight on a CPU where routed's `bf16_dot` is built (AVX2)."""
+    """Up to BF16_DOT_ROWS bf16 rows against a contiguous bf16 weight on a CPU where routed's `bf16_dot` is built
+    (AVX2)."""
     return (kernels.BF16_DOT and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.numel() == w.shape[-1] and w.dim() == 2 and w.is_contiguous() and not torch.is_grad_enabled())
+            and w.dim() == 2 and x.shape[-1] == w.shape[-1] and x.numel() <= BF16_DOT_ROWS * w.shape[-1]
+            and w.is_contiguous() and not torch.is_grad_enabled())
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
