@@ -200,7 +200,6 @@ class DecodeLayer {
   }
 
   int64_t rope_dim() const { return R_; }
-  int64_t latent_dim() const { return L_ + R_; }
 
   void check_cache(const at::Tensor& cache, const at::Tensor& key_slots) const {
     TORCH_CHECK(cache.scalar_type() == at::kBFloat16 && cache.is_contiguous() && cache.dim() == 3 &&
@@ -398,9 +397,9 @@ class DecodeLayer {
 };
 
 // the whole one-token step of a sequence (`Transformer.forward_hidden`, then `logits`): the token's embedding row,
-// every block's `DecodeLayer`, the final norm and the lm_head — one call per token, where a Python loop over the
-// blocks paid ~0.1 ms per block and as much again for each small op around them, each run right after the weights
-// streamed through the caches (BENCHMARKS.md). cos / sin of the position as `RotaryEmbedding` computes them (fp32
+// every block's `DecodeLayer`, the final norm and the lm_head — one call per token, not a Python loop over the
+// blocks with the norm and the lm_head's module call around it, each step of which ran right after the weights
+// streamed through the caches (decode 1.06x on `small`, BENCHMARKS.md). cos / sin of the position as `RotaryEmbedding` computes them (fp32
 // angle, times the yarn factor; the math library's cos and sin, not PyTorch's vectorised ones: within an ulp).
 class DecodeModel {
  public:
