@@ -53,6 +53,46 @@ def test_paged_incremental_decode_equals_full_forward(ckpt, attn: str, monkeypat
     assert ((incremental - full).abs().max() / full.abs().max()).item() < 1e-5
 
 
+def test_decoding_sequences_attend_in_one_padded_product_as_each_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 step's one-token sequences (contexts of 5 and 9 keys, beside a 3-token chunk over 12) attend in one
+    padded latent product, each as it would alone (to a bf16 rounding: fp32 sums over the padded keys)."""
+    g = torch.Generator().manual_seed(3)
+    H, N, R, V, L = 4, 16, 8, 16, 32
+    cache = (torch.randn(1, 64, L + R, generator=g) * 0.5).bfloat16()
+    kv_b = (torch.randn(H, N + V, L, generator=g) * 0.3).bfloat16()
+    contexts, tokens = [5, 12, 9], [1, 3, 1]
+    slots = torch.randperm(64, generator=g)
+    key_slots = [slots[16 * j : 16 * j + S] for j, S in enumerate(contexts)]
+    rows = sum(tokens)
+    q_nope = torch.randn(1, rows, H, N, generator=g).bfloat16()
+    q_pe = torch.randn(1, rows, H, R, generator=g).bfloat16()
+    latent = torch.randn(1, rows, L + R, generator=g).bfloat16()
+    starts = [0, 1, 4]
+    positions = torch.tensor([[S - T + t for S, T in zip(contexts, tokens) for t in range(T)]])
+    new_slots = torch.cat([k[-T:] for k, T in zip(key_slots, tokens)])
+    calls = []
+    matmuls = attention._latent_matmuls
+    monkeypatch.setattr(attention, "_latent_matmuls", lambda *a: calls.append(a[1].shape[0]) or matmuls(*a))
+
+    def attend(seqs: list[int]) -> torch.Tensor:
+        at, bounds, picks = 0, [], []
+        for j in seqs:
+            bounds.append((at, at + tokens[j]))
+            picks += range(starts[j], starts[j] + tokens[j])
+            at += tokens[j]
+        batch = PagedBatch(cache.clone(), torch.cat([new_slots[starts[j] : starts[j] + tokens[j]] for j in seqs]),
+                           bounds, [key_slots[j] for j in seqs])
+        return attention.paged_attention("absorb", 0, batch, q_nope[:, picks], q_pe[:, picks], latent[:, picks],
+                                         positions[:, picks], kv_b, 0.125)
+
+    together = attend([0, 1, 2])
+    assert calls == [2, 1]  # the two decoding sequences in one product, the chunk on its own
+    for j in range(3):
+        alone = attend([j])[0]
+        mine = together[0, starts[j] : starts[j] + tokens[j]]
+        torch.testing.assert_close(mine.float(), alone.float(), rtol=1e-2, atol=1e-2 * float(alone.abs().max()))
+
+
 def test_auto_attention_picks_the_form_with_fewer_multiply_adds() -> None:
     kv_b_v3 = torch.empty(128, 128 + 128, 512, device="meta")  # DeepSeek-V3: H 128, N = V = 128, L = 512
     assert use_naive(4096, 4096, kv_b_v3, 128)  # a whole prompt: expand once

@@ -179,6 +179,31 @@ class PagedBatch:
     key_slots: list[torch.Tensor]
 
 
+def _decode_rows(batch: PagedBatch, forms: list[str], cache_PC: torch.Tensor) -> dict[int, tuple[int, int]]:
+    """The absorbed sequences with one token in the step (decoding), if two or more and the cache is half precision:
+    sequence index -> (its row among the absorbed rows, its token's row in the step). An fp32 cache keeps each
+    sequence's own products (an fp32 request decodes the same bits alone or in a batch; tests/test_generate.py)."""
+    if cache_PC.dtype == torch.float32:
+        return {}
+    rows, r = {}, 0
+    for i, ((start, end), form) in enumerate(zip(batch.seq_bounds, forms)):
+        if form == "absorb":
+            if end - start == 1:
+                rows[i] = (r, start)
+            r += end - start
+    return rows if len(rows) > 1 else {}
+
+
+def _padded_keys(cache_PC: torch.Tensor, key_slots: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's cached latents [J, S_max, C] (padded with slot 0's) and which are its keys [J, 1, S_max]."""
+    S = max(len(k) for k in key_slots)
+    index = torch.zeros(len(key_slots), S, dtype=torch.long, device=cache_PC.device)
+    mask = torch.zeros(len(key_slots), 1, S, dtype=torch.bool, device=cache_PC.device)
+    for j, k in enumerate(key_slots):
+        index[j, : len(k)], mask[j, 0, : len(k)] = k, True
+    return cache_PC[index], mask
+
+
 def write_latents(cache_LPC: torch.Tensor, layer: int, slots_N: torch.Tensor, latent_NC: torch.Tensor) -> None:
     """cache[layer, slots] = latents, in place. Written as index_put_ on the whole cache with a tensor index per
     dimension so that a compiled step keeps it one in-place write of its few rows (`cache[layer, slots] = ...`
@@ -217,8 +242,17 @@ def paged_attention(
                             if form == "absorb"]).to(q_nope_BTHN.device)
         q_lat_BRHL = fold_queries(q_nope_BTHN.index_select(1, shared), kv_b_HXL[:, :N])
         o_lat_BRHL = q_lat_BRHL.new_empty(q_lat_BRHL.shape)
+    decoding = _decode_rows(batch, forms, cache_PC) if shared is not None else {}
+    if decoding:  # the one-token sequences' attention in one padded product, not ~10 eager ops per sequence
+        rows = list(decoding.values())
+        keys_JSC, mask_JTS = _padded_keys(cache_PC, [batch.key_slots[i] for i in decoding])
+        q_JTHC = torch.cat([q_lat_BRHL[0, [r for r, _ in rows]], q_pe_BTHR[0, [t for _, t in rows]]], dim=-1)
+        o_lat_BRHL[0, [r for r, _ in rows]] = _latent_matmuls(scale, q_JTHC.unsqueeze(1), keys_JSC, L, mask_JTS)[:, 0]
     row = 0  # the next absorbed sequence's first row in q_lat / o_lat
-    for (start, end), key_slots, form in zip(batch.seq_bounds, batch.key_slots, forms):
+    for i, ((start, end), key_slots, form) in enumerate(zip(batch.seq_bounds, batch.key_slots, forms)):
+        if i in decoding:
+            row += 1
+            continue
         keys_SC = cache_PC.index_select(0, key_slots)
         S, T = keys_SC.shape[0], end - start
         key_pos_S = torch.arange(S, device=keys_SC.device)
