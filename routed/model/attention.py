@@ -126,14 +126,20 @@ def fold_queries(q_nope_BTHN: torch.Tensor, w_uk_HNL: torch.Tensor) -> torch.Ten
     """W_UK into the queries: -> q_lat [B, T, H, L]. On a CPU without native bf16 products in fp32 (inputs widened
     exactly, the output rounded once): oneDNN's emulated bf16 batched product took 1.85 ms for a decode batch of 8
     rows on `small` (one layer), fp32 0.19."""
-    dt = wide_dtype(q_nope_BTHN.dtype) if q_nope_BTHN.device.type == "cpu" else q_nope_BTHN.dtype
+    dt = _weight_product_dtype(q_nope_BTHN)
     return torch.einsum("bthn,hnl->bthl", q_nope_BTHN.to(dt), w_uk_HNL.to(dt)).to(q_nope_BTHN.dtype)
 
 
 def unfold_outputs(o_lat_BTHL: torch.Tensor, w_uv_HVL: torch.Tensor) -> torch.Tensor:
     """W_UV out of the latent outputs: -> o [B, T, H, V] (in fp32 where `fold_queries` is)."""
-    dt = wide_dtype(o_lat_BTHL.dtype) if o_lat_BTHL.device.type == "cpu" else o_lat_BTHL.dtype
+    dt = _weight_product_dtype(o_lat_BTHL)
     return torch.einsum("bthl,hvl->bthv", o_lat_BTHL.to(dt), w_uv_HVL.to(dt)).to(o_lat_BTHL.dtype)
+
+
+def _weight_product_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of kv_b_proj's products with x: fp32 on a CPU without native half-precision products, whatever
+    the row count (`gemv.wide_dtype`), else x's."""
+    return wide_dtype(x.dtype) if x.device.type == "cpu" else x.dtype
 
 
 def _latent_matmuls(scale: float, q_BTHC: torch.Tensor, latent_BSC: torch.Tensor, L: int,
@@ -244,10 +250,10 @@ def paged_attention(
         o_lat_BRHL = q_lat_BRHL.new_empty(q_lat_BRHL.shape)
     decoding = _decode_rows(batch, forms, cache_PC) if shared is not None else {}
     if decoding:  # the one-token sequences' attention in one padded product, not ~10 eager ops per sequence
-        rows = list(decoding.values())
+        lat_rows, step_rows = (list(r) for r in zip(*decoding.values()))
         keys_JSC, mask_JTS = _padded_keys(cache_PC, [batch.key_slots[i] for i in decoding])
-        q_JTHC = torch.cat([q_lat_BRHL[0, [r for r, _ in rows]], q_pe_BTHR[0, [t for _, t in rows]]], dim=-1)
-        o_lat_BRHL[0, [r for r, _ in rows]] = _latent_matmuls(scale, q_JTHC.unsqueeze(1), keys_JSC, L, mask_JTS)[:, 0]
+        q_JTHC = torch.cat([q_lat_BRHL[0, lat_rows], q_pe_BTHR[0, step_rows]], dim=-1)
+        o_lat_BRHL[0, lat_rows] = _latent_matmuls(scale, q_JTHC.unsqueeze(1), keys_JSC, L, mask_JTS)[:, 0]
     row = 0  # the next absorbed sequence's first row in q_lat / o_lat
     for i, ((start, end), key_slots, form) in enumerate(zip(batch.seq_bounds, batch.key_slots, forms)):
         if i in decoding:
