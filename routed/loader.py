@@ -215,7 +215,9 @@ def load_model(
     requant = _split_requant(table, fmt) if fmt else {}
     _check_names(table, infos, cfg, mtp, folder, offloaded or shard is not None)
     by_file: dict[Path, list[str]] = {}
-    for name in table:
+    # each file read front to back, so that the kernel's readahead runs ahead of the reads (a cold `small`, the
+    # model's order with 91 seeks back: 8.5-9.2 s; in the file's: 5.6-5.8, BENCHMARKS.md)
+    for name in sorted(table, key=lambda n: infos[n].offset):
         by_file.setdefault(infos[name].file, []).append(name)
     with progress_bar(f"loading {folder.name}", total=len(table), enabled=progress) as advance:
         for file, names in by_file.items():
