@@ -171,14 +171,15 @@ def _experts(bits: int | None, dtype: torch.dtype, E: int = 12, D: int = 256, I:
 
 @pytest.mark.parametrize("bits,dtype", [(8, torch.float32), (8, torch.bfloat16), (4, torch.float32),
                                         (4, torch.bfloat16), (None, torch.bfloat16)])
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 3, 6])
 def test_a_layers_experts_in_one_call_equal_each_expert_on_its_own(bits: int | None, dtype: torch.dtype,
                                                                     tokens: int) -> None:
     m = _experts(bits, dtype)
     assert m.fused
     x = torch.randn(tokens, 256, dtype=dtype)
     x[-1] *= 30  # tokens of different scales
-    ids = torch.tensor([[3, 0, 11, 7], [7, 3, 1, 2], [0, 11, 5, 9]])[:tokens]  # experts shared across tokens
+    # experts shared across tokens: each is read once for its tokens (expert 3 for five of the six)
+    ids = torch.tensor([[3, 0, 11, 7], [7, 3, 1, 2], [0, 11, 5, 9], [4, 3, 6, 8], [3, 10, 6, 2], [1, 2, 9, 3]])[:tokens]
     w = torch.rand(tokens, 4)
     out = m._fused(x, ids, w)
     twin = m._reference(x, ids, w)  # each expert's products as int8_dot / int4_dot calls of their own
@@ -188,6 +189,8 @@ def test_a_layers_experts_in_one_call_equal_each_expert_on_its_own(bits: int | N
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, twin, rtol=tol, atol=tol * twin.abs().amax().item())
     assert not torch.equal(out, torch.zeros_like(out))
+    for t in range(tokens):  # each token's bits as alone, whichever tokens shared its experts
+        assert torch.equal(out[t], m._fused(x[t : t + 1], ids[t : t + 1], w[t : t + 1])[0])
     # what the layer runs for a few tokens, with ids as the gate gives them (any layout) and bf16 weights
     y, counts = m(x, ids.t().contiguous().t(), w.to(dtype))
     torch.testing.assert_close(y.float(), m._fused(x, ids, w.to(dtype)).to(dtype).float(), rtol=0, atol=0)

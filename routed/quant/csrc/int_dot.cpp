@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 
 #include "kernels.h"
@@ -75,16 +76,22 @@ inline __m256 dot32(const int8_t* w, const int8_t* x) {
 }
 
 
+// The kernels' rows of x and of the output: row m, or rows[m] where a caller gives rows (a MoE layer's tokens that
+// chose one expert, and their pairs' output rows: `run_experts`); out's rows `ldo` apart (0: N)
+inline int64_t row_at(const int64_t* rows, int64_t m) { return rows ? rows[m] : m; }
+
 template <typename T, typename S>
 void int8_rows(const int8_t* W, const S* scale, const int8_t* xq, const float* xd, T* out, int64_t M, int64_t N,
-               int64_t K, int64_t n0, int64_t n1) {
+               int64_t K, int64_t n0, int64_t n1, const int64_t* xrows = nullptr, const int64_t* orows = nullptr,
+               int64_t ldo = 0) {
   const int64_t nb = K / QK;
+  ldo = ldo ? ldo : N;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = W + n * K;
     const float s = static_cast<float>(scale[n]);
     for (int64_t m = 0; m < M; ++m) {
-      const int8_t* x = xq + m * K;
-      const float* d = xd + m * nb;
+      const int8_t* x = xq + row_at(xrows, m) * K;
+      const float* d = xd + row_at(xrows, m) * nb;
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
       int64_t b = 0;
       for (; b + 2 <= nb; b += 2) {
@@ -93,7 +100,7 @@ void int8_rows(const int8_t* W, const S* scale, const int8_t* xq, const float* x
         a1 = _mm256_fmadd_ps(dot32(w + (b + 1) * QK, x + (b + 1) * QK), _mm256_set1_ps(d[b + 1]), a1);
       }
       if (b < nb) a0 = _mm256_fmadd_ps(dot32(w + b * QK, x + b * QK), _mm256_set1_ps(d[b]), a0);
-      out[m * N + n] = static_cast<T>(hsum(_mm256_add_ps(a0, a1)) * s);
+      out[row_at(orows, m) * ldo + n] = static_cast<T>(hsum(_mm256_add_ps(a0, a1)) * s);
     }
   }
 }
@@ -195,8 +202,10 @@ inline __m256i widen_rows(__m256i even, __m256i odd, int half) {
 
 template <typename T>
 void int4_blocks(const uint8_t* P, const at::BFloat16* SZ, const int8_t* xpairs, const float* xd,
-                 const float* xsum, const int32_t* xqsum, T* out, int64_t M, int64_t N, int64_t K, int64_t group, int64_t b0, int64_t b1) {
+                 const float* xsum, const int32_t* xqsum, T* out, int64_t M, int64_t N, int64_t K, int64_t group, int64_t b0,
+                 int64_t b1, const int64_t* xrows = nullptr, const int64_t* orows = nullptr, int64_t ldo = 0) {
   const int64_t nb = K / QK;
+  ldo = ldo ? ldo : N;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i hi_half = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t blk = b0; blk < b1; ++blk) {
@@ -209,7 +218,8 @@ void int4_blocks(const uint8_t* P, const at::BFloat16* SZ, const int8_t* xpairs,
       }
     }
     for (int64_t m = 0; m < M; ++m) {
-      const int8_t* xp = xpairs + m * K * 32;  // per column pair: (x_k, 0) x8 | (x_k+1, 0) x8, then (0, x) x8 | ...
+      const int64_t xr = row_at(xrows, m);
+      const int8_t* xp = xpairs + xr * K * 32;  // per column pair: (x_k, 0) x8 | (x_k+1, 0) x8, then (0, x) x8 | ...
       __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       for (int64_t b = 0; b < nb; ++b) {
         __m256i le = _mm256_setzero_si256(), lo = le, he = le, ho = le;
@@ -226,8 +236,8 @@ void int4_blocks(const uint8_t* P, const at::BFloat16* SZ, const int8_t* xpairs,
           ho = _mm256_add_epi16(ho, _mm256_maddubs_epi16(wh, xo));
         }
         const __m256i acc[4] = {widen_rows(le, lo, 0), widen_rows(le, lo, 1), widen_rows(he, ho, 0), widen_rows(he, ho, 1)};
-        const __m256 d = _mm256_set1_ps(xd[m * nb + b]), sx = _mm256_set1_ps(xsum[m * nb + b]);
-        const __m256i centre = _mm256_set1_epi32(8 * xqsum[m * nb + b]);
+        const __m256 d = _mm256_set1_ps(xd[xr * nb + b]), sx = _mm256_set1_ps(xsum[xr * nb + b]);
+        const __m256i centre = _mm256_set1_epi32(8 * xqsum[xr * nb + b]);
         const at::BFloat16* sz = SZ + ((b * QK / group) * N + blk * 32) * 2;
         for (int r = 0; r < 4; ++r) {  // 8 rows' (scale, zero) bf16 pairs: one 32-bit lane each
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + r * 16));
@@ -239,7 +249,7 @@ void int4_blocks(const uint8_t* P, const at::BFloat16* SZ, const int8_t* xpairs,
       }
       alignas(32) float o[32];
       for (int r = 0; r < 4; ++r) _mm256_store_ps(o + 8 * r, f[r]);
-      for (int i = 0; i < 32; ++i) out[m * N + blk * 32 + i] = static_cast<T>(o[i]);
+      for (int i = 0; i < 32; ++i) out[row_at(orows, m) * ldo + blk * 32 + i] = static_cast<T>(o[i]);
     }
   }
 }
@@ -298,13 +308,15 @@ at::Tensor int4_dot(const at::Tensor& x, const at::Tensor& packed, const at::Ten
 // lm_head: 5.6 GB/s one row after the other) — each row summed in the same order as alone, so the same bits.
 template <typename T>
 void bf16_rows(const at::BFloat16* W, const float* xf, T* out, int64_t M, int64_t N, int64_t K, int64_t n0,
-               int64_t n1, int64_t ldx = 0) {
+               int64_t n1, int64_t ldx = 0, const int64_t* xrows = nullptr, const int64_t* orows = nullptr,
+               int64_t ldo = 0) {
   ldx = ldx ? ldx : K;  // x's row stride
+  ldo = ldo ? ldo : N;
   for (int64_t n = n0; n < n1; ++n) {
     const at::BFloat16* w = W + n * K;
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) {
-      const float *x = xf + m * ldx, *z = x + ldx;
+      const float *x = xf + row_at(xrows, m) * ldx, *z = xf + row_at(xrows, m + 1) * ldx;
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
       int64_t k = 0;
       for (; k + 32 <= K; k += 32) {
@@ -327,11 +339,11 @@ void bf16_rows(const at::BFloat16* W, const float* xf, T* out, int64_t M, int64_
       float y = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
       float v = hsum(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));
       for (; k < K; ++k) y += static_cast<float>(w[k]) * x[k], v += static_cast<float>(w[k]) * z[k];
-      out[m * N + n] = static_cast<T>(y);
-      out[(m + 1) * N + n] = static_cast<T>(v);
+      out[row_at(orows, m) * ldo + n] = static_cast<T>(y);
+      out[row_at(orows, m + 1) * ldo + n] = static_cast<T>(v);
     }
     for (; m < M; ++m) {
-      const float* x = xf + m * ldx;
+      const float* x = xf + row_at(xrows, m) * ldx;
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       int64_t k = 0;
       for (; k + 32 <= K; k += 32) {
@@ -344,9 +356,20 @@ void bf16_rows(const at::BFloat16* W, const float* xf, T* out, int64_t M, int64_
       for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
       float y = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
       for (; k < K; ++k) y += static_cast<float>(w[k]) * x[k];
-      out[m * N + n] = static_cast<T>(y);
+      out[row_at(orows, m) * ldo + n] = static_cast<T>(y);
     }
   }
+}
+
+// rows [M, K] (fp32 or bf16) in fp32, what bf16_rows reads: several rows each 64 bytes past a multiple of 4 KB
+// apart, so that they do not all fall in the same sets of the L1 cache (8 rows of 1024 fp32 against a 256 x 1024
+// weight in cache, one thread: 153 -> 102 us); a [M, K] view, its rows stride(0) apart
+at::Tensor widened_rows(const at::Tensor& rows) {
+  const int64_t M = rows.size(0), K = rows.size(1);
+  const int64_t ldx = M > 1 ? (K + 15) / 16 * 16 + 16 : K;
+  at::Tensor xf = at::empty({M, ldx}, rows.options().dtype(at::kFloat));
+  xf.narrow(1, 0, K).copy_(rows);
+  return xf.narrow(1, 0, K);
 }
 
 // x [..., K] (fp32 or bf16), w bf16 [N, K] contiguous -> [..., N] in x's dtype
@@ -355,13 +378,8 @@ at::Tensor bf16_dot(const at::Tensor& x, const at::Tensor& w) {
               "bf16_dot: w must be a contiguous bf16 [N, K]");
   const int64_t N = w.size(0), K = w.size(1);
   TORCH_CHECK(x.size(-1) == K, "bf16_dot: x has ", x.size(-1), " features, w ", K);
-  const at::Tensor rows = rows_of(x, K, "bf16_dot");
-  const int64_t M = rows.size(0);
-  // several rows: each 64 bytes past a multiple of 4 KB apart, so that they do not all fall in the same sets
-  // of the L1 cache (8 rows of 1024 fp32 against a 256 x 1024 weight in cache, one thread: 153 -> 102 us)
-  const int64_t ldx = M > 1 ? (K + 15) / 16 * 16 + 16 : K;
-  at::Tensor xf = at::empty({M, ldx}, rows.options().dtype(at::kFloat));
-  xf.narrow(1, 0, K).copy_(rows);
+  const at::Tensor xf = widened_rows(rows_of(x, K, "bf16_dot"));
+  const int64_t M = xf.size(0), ldx = xf.stride(0);
   at::Tensor out = output_for(x, N);
   if (M == 0 || N == 0) return out;
   auto run = [&](auto* o) {
@@ -374,21 +392,28 @@ at::Tensor bf16_dot(const at::Tensor& x, const at::Tensor& w) {
   return out;
 }
 
-// ---- one MoE layer's routed experts for a few tokens: every (token, slot) pair's expert read in place ----
-// y[t] = sum_j w[t, j] down_e(silu(gate_e(x_t)) up_e(x_t)), e = ids[t, j], in two parallel passes over all pairs'
-// rows (gate and up, then down) instead of a kernel call per projection and expert: a decode step's ~12 calls per
-// layer, each with its own activations' quantization and thread fork, become two. Each product is computed as
+// ---- one MoE layer's routed experts for a few tokens: each chosen expert read in place, once for its tokens ----
+// y[t] = sum_j w[t, j] down_e(silu(gate_e(x_t)) up_e(x_t)), e = ids[t, j], in two parallel passes over the chosen
+// experts' rows (gate and up, then down) instead of a kernel call per projection and expert: a decode step's ~12
+// calls per layer, each with its own activations' quantization and thread fork, become two. An expert that several
+// tokens chose is read once for all of them (a decode batch of 8 on `small`: 48 pairs a layer, ~33 experts), the
+// kernels taking its tokens' rows of x as their rows. Each product is computed as
 // int8_dot / int4_dot computes it and rounded to x's dtype where the per-expert path's outputs are (gate and up,
 // silu, its product with up, down); the weighted sum is fp32, in slot order, as `RoutedExperts._reference`'s.
 
-// f(p, r0, r1) over the rows (or row blocks) [0, R) of each of P pairs, split across threads
+// f(j, r0, r1) over the rows (or row blocks) [0, R) of each of the G experts that start[] delimits (the pairs
+// start[j] .. start[j + 1] chose expert j), split across threads by rows times pairs: a row of an expert three
+// tokens chose is three rows' products
 template <typename F>
-void over_pairs(int64_t P, int64_t R, int64_t grain, const F& f) {
-  at::parallel_for(0, P * R, grain, [&](int64_t i0, int64_t i1) {
-    while (i0 < i1) {
-      const int64_t p = i0 / R, r0 = i0 % R, r1 = std::min(R, r0 + (i1 - i0));
-      f(p, r0, r1);
-      i0 += r1 - r0;
+void over_rows(const std::vector<int64_t>& start, int64_t R, int64_t grain, const F& f) {
+  const int64_t G = static_cast<int64_t>(start.size()) - 1;
+  // thread ranges in units of (row, pair); an expert's rows are those whose first unit is in the range
+  at::parallel_for(0, start[G] * R, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t j = 0; j < G; ++j) {
+      const int64_t base = start[j] * R, M = start[j + 1] - start[j];
+      const int64_t r0 = std::clamp<int64_t>((i0 - base + M - 1) / M, 0, R);
+      const int64_t r1 = std::clamp<int64_t>((i1 - base + M - 1) / M, 0, R);
+      if (r0 < r1) f(j, r0, r1);
     }
   });
 }
@@ -447,24 +472,35 @@ Routing routing(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& we
   return r;
 }
 
-// the two passes over every pair's rows, in units of `unit` rows (int4: blocks of 32): `prep` turns rows of
-// activations (x, then h) into what the products read; gate_up(a, token, expert, n0, n1, out) and
-// down(h, pair, expert, n0, n1, out) write rows [n0, n1) of a pair's [2I] / [D] output
+// the two passes over the chosen experts' rows, in units of `unit` rows (int4: blocks of 32): `prep` turns rows of
+// activations (x, then h) into what the products read; gate_up(a, tokens, pairs, M, expert, n0, n1, gu) writes
+// rows [n0, n1) of the [2I] outputs of the M pairs that chose the expert (row pairs[m] of gu, from row tokens[m] of
+// a), down(h, pairs, M, expert, n0, n1, y) rows [n0, n1) of their [D] outputs (row pairs[m] of y, from h's)
 template <typename T, typename Prep, typename GateUp, typename Down>
 at::Tensor run_experts(const Routing& r, int64_t D, int64_t I, int64_t unit, const Prep& prep, const GateUp& gate_up,
                        const Down& down) {
+  std::vector<int64_t> pairs(r.P), tokens(r.P), start;  // the pairs by expert, in pair order within one
+  std::iota(pairs.begin(), pairs.end(), 0);
+  std::stable_sort(pairs.begin(), pairs.end(), [&](int64_t a, int64_t b) { return r.ids[a] < r.ids[b]; });
+  for (int64_t i = 0; i < r.P; ++i) {
+    tokens[i] = pairs[i] / r.k;
+    if (i == 0 || r.ids[pairs[i]] != r.ids[pairs[i - 1]]) start.push_back(i);
+  }
+  start.push_back(r.P);
   const auto a = prep(r.x);
   at::Tensor gu = at::empty({r.P, 2 * I}, r.x.options());
   T* g = gu.data_ptr<T>();
   const int64_t grain = unit == 1 ? 16 : 1;
-  over_pairs(r.P, 2 * I / unit, grain, [&](int64_t p, int64_t u0, int64_t u1) {
-    gate_up(a, p / r.k, r.ids[p], u0 * unit, u1 * unit, g + p * 2 * I);
+  over_rows(start, 2 * I / unit, grain, [&](int64_t j, int64_t u0, int64_t u1) {
+    const int64_t i = start[j];
+    gate_up(a, tokens.data() + i, pairs.data() + i, start[j + 1] - i, r.ids[pairs[i]], u0 * unit, u1 * unit, g);
   });
   const auto h = prep(swiglu<T>(gu, r.P, I));
   at::Tensor y = at::empty({r.P, D}, r.x.options());
   T* yp = y.data_ptr<T>();
-  over_pairs(r.P, D / unit, grain, [&](int64_t p, int64_t u0, int64_t u1) {
-    down(h, p, r.ids[p], u0 * unit, u1 * unit, yp + p * D);
+  over_rows(start, D / unit, grain, [&](int64_t j, int64_t u0, int64_t u1) {
+    const int64_t i = start[j];
+    down(h, pairs.data() + i, start[j + 1] - i, r.ids[pairs[i]], u0 * unit, u1 * unit, yp);
   });
   return weighted_sum<T>(y, r.w, r.T, r.k, D);
 }
@@ -499,14 +535,16 @@ at::Tensor int8_experts(const at::Tensor& x, const at::Tensor& ids, const at::Te
     using T = std::remove_pointer_t<decltype(tag)>;
     auto prep = [](const at::Tensor& rows) { return quantize(rows, false); };
     return run_experts<T>(r, D, I, 1, prep,
-        [&](const Quantized& a, int64_t t, int64_t e, int64_t n0, int64_t n1, T* out) {
-          const int8_t* xq = a.q + t * D;
-          const float* xd = a.d + t * (D / QK);
-          if (n0 < I) int8_rows(gw + e * I * D, gs + e * I, xq, xd, out, 1, I, D, n0, std::min(n1, I));
-          if (n1 > I) int8_rows(uw + e * I * D, us + e * I, xq, xd, out + I, 1, I, D, std::max(n0, I) - I, n1 - I);
+        [&](const Quantized& a, const int64_t* tokens, const int64_t* pairs, int64_t M, int64_t e, int64_t n0,
+            int64_t n1, T* out) {
+          if (n0 < I)
+            int8_rows(gw + e * I * D, gs + e * I, a.q, a.d, out, M, I, D, n0, std::min(n1, I), tokens, pairs, 2 * I);
+          if (n1 > I)
+            int8_rows(uw + e * I * D, us + e * I, a.q, a.d, out + I, M, I, D, std::max(n0, I) - I, n1 - I, tokens,
+                      pairs, 2 * I);
         },
-        [&](const Quantized& h, int64_t p, int64_t e, int64_t n0, int64_t n1, T* out) {
-          int8_rows(dw + e * D * I, ds + e * D, h.q + p * I, h.d + p * (I / QK), out, 1, D, I, n0, n1);
+        [&](const Quantized& h, const int64_t* pairs, int64_t M, int64_t e, int64_t n0, int64_t n1, T* out) {
+          int8_rows(dw + e * D * I, ds + e * D, h.q, h.d, out, M, D, I, n0, n1, pairs, pairs);
         });
   };
   return in_dtype(r.x, [&](auto* tag) {
@@ -540,18 +578,18 @@ at::Tensor int4_experts(const at::Tensor& x, const at::Tensor& ids, const at::Te
   if (r.P == 0) return at::zeros({r.T, D}, x.options().dtype(at::kFloat));
   const uint8_t *gw = gate_up.data_ptr<uint8_t>(), *dw = down.data_ptr<uint8_t>();
   const at::BFloat16 *gz = gate_up_sz.data_ptr<at::BFloat16>(), *dz = down_sz.data_ptr<at::BFloat16>();
-  const int64_t nd = D / QK, ni = I / QK;
   return in_dtype(r.x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     auto prep = [](const at::Tensor& rows) { return quantize(rows, true); };
     return run_experts<T>(r, D, I, 32, prep,
-        [&](const Quantized& a, int64_t t, int64_t e, int64_t n0, int64_t n1, T* out) {
-          int4_blocks(gw + e * 2 * I * D / 2, gz + e * 2 * I * D / group * 2, a.pairs + t * D * 32, a.d + t * nd,
-                      a.sum + t * nd, a.qsum + t * nd, out, 1, 2 * I, D, group, n0 / 32, n1 / 32);
+        [&](const Quantized& a, const int64_t* tokens, const int64_t* pairs, int64_t M, int64_t e, int64_t n0,
+            int64_t n1, T* out) {
+          int4_blocks(gw + e * 2 * I * D / 2, gz + e * 2 * I * D / group * 2, a.pairs, a.d, a.sum, a.qsum, out, M,
+                      2 * I, D, group, n0 / 32, n1 / 32, tokens, pairs);
         },
-        [&](const Quantized& h, int64_t p, int64_t e, int64_t n0, int64_t n1, T* out) {
-          int4_blocks(dw + e * D * I / 2, dz + e * D * I / group * 2, h.pairs + p * I * 32, h.d + p * ni,
-                      h.sum + p * ni, h.qsum + p * ni, out, 1, D, I, group, n0 / 32, n1 / 32);
+        [&](const Quantized& h, const int64_t* pairs, int64_t M, int64_t e, int64_t n0, int64_t n1, T* out) {
+          int4_blocks(dw + e * D * I / 2, dz + e * D * I / group * 2, h.pairs, h.d, h.sum, h.qsum, out, M, D, I, group,
+                      n0 / 32, n1 / 32, pairs, pairs);
         });
   });
 }
@@ -575,15 +613,16 @@ at::Tensor bf16_experts(const at::Tensor& x, const at::Tensor& ids, const at::Te
   const int64_t gs = gate.stride(0), us = up.stride(0), ds = down.stride(0);
   return in_dtype(r.x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    auto prep = [](const at::Tensor& rows) { return rows.to(at::kFloat).contiguous(); };
-    return run_experts<T>(r, D, I, 1, prep,
-        [&](const at::Tensor& a, int64_t t, int64_t e, int64_t n0, int64_t n1, T* out) {
-          const float* xf = a.data_ptr<float>() + t * D;
-          if (n0 < I) bf16_rows(gw + e * gs, xf, out, 1, I, D, n0, std::min(n1, I));
-          if (n1 > I) bf16_rows(uw + e * us, xf, out + I, 1, I, D, std::max(n0, I) - I, n1 - I);
+    return run_experts<T>(r, D, I, 1, widened_rows,
+        [&](const at::Tensor& a, const int64_t* tokens, const int64_t* pairs, int64_t M, int64_t e, int64_t n0,
+            int64_t n1, T* out) {
+          const float* xf = a.data_ptr<float>();
+          if (n0 < I) bf16_rows(gw + e * gs, xf, out, M, I, D, n0, std::min(n1, I), a.stride(0), tokens, pairs, 2 * I);
+          if (n1 > I)
+            bf16_rows(uw + e * us, xf, out + I, M, I, D, std::max(n0, I) - I, n1 - I, a.stride(0), tokens, pairs, 2 * I);
         },
-        [&](const at::Tensor& h, int64_t p, int64_t e, int64_t n0, int64_t n1, T* out) {
-          bf16_rows(dw + e * ds, h.data_ptr<float>() + p * I, out, 1, D, I, n0, n1);
+        [&](const at::Tensor& h, const int64_t* pairs, int64_t M, int64_t e, int64_t n0, int64_t n1, T* out) {
+          bf16_rows(dw + e * ds, h.data_ptr<float>(), out, M, D, I, n0, n1, h.stride(0), pairs, pairs);
         });
   });
 }
