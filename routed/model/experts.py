@@ -1,8 +1,8 @@
 """Routed-expert execution for one MoE layer: a reference loop, the grouped fast path (each chosen expert once
 over its tokens) and the gathered one (each (token, expert) pair's weights read in place: compiled, for the
 one-token block and for steps of a few tokens, `gather_pays`) — or, where routed's kernels are built (AVX2), the
-fused one for steps of up to FUSED_MAX_TOKENS tokens: each chosen expert read once for its tokens, one kernel
-call per layer (`RoutedExperts._fused`).
+fused one for steps of up to FUSED_MAX_TOKENS tokens (128 in bf16, 256 in int8 / int4): each chosen expert read
+once for its tokens, one kernel call per layer (`RoutedExperts._fused`).
 
 Contract: `RoutedExperts(x_ND, topk_ids_NK, topk_weights_NK, impl)` returns `(y_ND, counts_E)` where
 `y[n] = Σ_k w[n,k] · Expert_{ids[n,k]}(x[n])` accumulated in fp32 and cast to x's dtype, and `counts[e]` is
@@ -44,10 +44,10 @@ GATHER_MAX_PAIRS_PER_EXPERT = 1.6
 # benchmarks/code_ab.py, 10 rounds) for 0.285 GB of growth over 40 prompts of 16-512 tokens instead of 0.267.
 EXPERT_ROWS_MULTIPLE = 8
 # Steps of at most this many tokens run their experts on routed's kernels where they are built (`_fused`: each
-# chosen expert read once for its tokens). Against `_grouped` on `small`'s 7 MoE layers, 2 threads, uniform random
-# routing: bf16 1.98x at 16 tokens, 1.55x at 64, 1.01x at 512; int8 1.98x / 1.77x / 1.25x at 16 / 64 / 256;
-# int4 3.09x / 1.97x / 1.21x, 0.93x at 512 (BENCHMARKS.md).
-FUSED_MAX_TOKENS = 256
+# chosen expert read once for its tokens), per weight format (None: float). Against `_grouped`, a prompt's prefill
+# on `small` in the engine (2 threads, one process, alternating): bf16 1.54x at 32 tokens, 1.25x at 128, 0.92x at
+# 200; int8 1.19x and int4 1.11x at 200, 1.0x and 0.99x at 512 (BENCHMARKS.md)
+FUSED_MAX_TOKENS = {None: 128, 8: 256, 4: 256}
 
 
 def gather_pays(tokens: int, k: int, num_experts: int) -> bool:
@@ -201,7 +201,7 @@ class RoutedExperts(nn.Module):
         counts_E = torch.bincount(topk_ids_NK.flatten(), minlength=self.num_experts)
         N, K = topk_ids_NK.shape
         # few_tokens_fn: set for resident float and int8 experts by Transformer._compile_few_tokens
-        if impl == "grouped" and self.fused and N <= FUSED_MAX_TOKENS:
+        if impl == "grouped" and self.fused and N <= FUSED_MAX_TOKENS[self.fmt.bits if self.fmt else None]:
             y = self._fused(x_ND, topk_ids_NK, topk_weights_NK)
         elif impl == "grouped" and self.few_tokens_fn is not None and N >= 2 and gather_pays(N, K, self.num_experts):
             y = self._gathered(x_ND, topk_ids_NK, topk_weights_NK)
