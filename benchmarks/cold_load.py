@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from routed import loader
-from routed.errors import RoutedError
+from routed.errors import RoutedError, run_script
 from routed.progress import progress_bar
 
 
@@ -94,7 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RoutedError as e:
-        raise SystemExit(f"error: {e}") from None
+    run_script(main)

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from routed.errors import RoutedError
+from routed.errors import RoutedError, run_script
 from routed.loader import load_model
 from routed.model.experts import RoutedExperts
 from routed.progress import progress_bar
@@ -60,7 +60,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RoutedError as e:
-        raise SystemExit(f"error: {e}") from None
+    run_script(main)
